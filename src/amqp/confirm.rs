@@ -1,0 +1,220 @@
+//! A channel in publisher-confirm mode, with the bookkeeping amqprs leaves to its users.
+//!
+//! amqprs reports confirms only through `ChannelCallback::publish_ack`/`publish_nack` with a
+//! delivery tag (and a `multiple` flag). The broker numbers a confirm channel's publishes
+//! 1, 2, 3, … in the order it receives them, so [`ConfirmChannel::publish`] takes the next
+//! number and sends under one lock, parks a oneshot under that number, and the callback
+//! resolves it (or every number up to it, for `multiple`). Waiting is separate from sending,
+//! so callers can pipeline many publishes and then await their confirms.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
+use amqprs::connection::Connection;
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+/// Publishes whose confirm has not arrived, by sequence number.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    waiting: BTreeMap<u64, oneshot::Sender<bool>>,
+}
+
+impl Pending {
+    fn settle(&mut self, tag: u64, multiple: bool, ok: bool) {
+        if multiple {
+            let rest = self.waiting.split_off(&(tag + 1));
+            for (_, tx) in std::mem::replace(&mut self.waiting, rest) {
+                let _ = tx.send(ok);
+            }
+        } else if let Some(tx) = self.waiting.remove(&tag) {
+            let _ = tx.send(ok);
+        }
+    }
+}
+
+/// Why a confirmed publish failed.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The broker nacked the message.
+    Nacked,
+    /// The channel closed before the confirm arrived.
+    Lost,
+    Amqp(amqprs::error::Error),
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::Nacked => f.write_str("the broker refused the message (nack)"),
+            PublishError::Lost => {
+                f.write_str("the broker link closed before the publish was confirmed")
+            }
+            PublishError::Amqp(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+/// A confirm awaited separately from the publish.
+pub struct Confirm(oneshot::Receiver<bool>);
+
+impl Confirm {
+    pub async fn wait(self) -> Result<(), PublishError> {
+        match self.0.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(PublishError::Nacked),
+            Err(_) => Err(PublishError::Lost),
+        }
+    }
+}
+
+/// A channel whose publishes are confirmed by the broker.
+pub struct ConfirmChannel {
+    channel: Channel,
+    pending: Arc<Mutex<Pending>>,
+    /// Serialises "take a number, send" so numbers match the broker's order.
+    send_lock: tokio::sync::Mutex<()>,
+}
+
+impl ConfirmChannel {
+    pub async fn open(conn: &Connection) -> Result<Self, amqprs::error::Error> {
+        let channel = conn.open_channel(None).await?;
+        let pending = Arc::new(Mutex::new(Pending {
+            next: 1,
+            waiting: BTreeMap::new(),
+        }));
+        channel
+            .register_callback(ConfirmCallback {
+                pending: pending.clone(),
+            })
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectArguments::new(false))
+            .await?;
+        Ok(Self {
+            channel,
+            pending,
+            send_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Sends one message; the returned [`Confirm`] resolves when the broker has it.
+    pub async fn publish(
+        &self,
+        props: BasicProperties,
+        body: Vec<u8>,
+        args: BasicPublishArguments,
+    ) -> Result<Confirm, PublishError> {
+        let _order = self.send_lock.lock().await;
+        let (tx, rx) = oneshot::channel();
+        let seq = {
+            let mut p = self.pending.lock();
+            let seq = p.next;
+            p.next += 1;
+            p.waiting.insert(seq, tx);
+            seq
+        };
+        if let Err(e) = self.channel.basic_publish(props, body, args).await {
+            self.pending.lock().waiting.remove(&seq);
+            return Err(PublishError::Amqp(e));
+        }
+        Ok(Confirm(rx))
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close().await;
+    }
+}
+
+struct ConfirmCallback {
+    pending: Arc<Mutex<Pending>>,
+}
+
+#[async_trait]
+impl ChannelCallback for ConfirmCallback {
+    async fn close(
+        &mut self,
+        _channel: &Channel,
+        close: CloseChannel,
+    ) -> Result<(), amqprs::error::Error> {
+        tracing::warn!(%close, "confirm channel closed by the broker");
+        // Dropping the senders fails every waiter with `Lost`.
+        self.pending.lock().waiting.clear();
+        Ok(())
+    }
+
+    async fn cancel(
+        &mut self,
+        _channel: &Channel,
+        _cancel: Cancel,
+    ) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+
+    async fn flow(
+        &mut self,
+        _channel: &Channel,
+        active: bool,
+    ) -> Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+
+    async fn publish_ack(&mut self, _channel: &Channel, ack: Ack) {
+        self.pending
+            .lock()
+            .settle(ack.delivery_tag(), ack.mutiple(), true);
+    }
+
+    async fn publish_nack(&mut self, _channel: &Channel, nack: Nack) {
+        self.pending
+            .lock()
+            .settle(nack.delivery_tag(), nack.multiple(), false);
+    }
+
+    async fn publish_return(
+        &mut self,
+        _channel: &Channel,
+        ret: Return,
+        _props: BasicProperties,
+        _body: Vec<u8>,
+    ) {
+        tracing::warn!(%ret, "a published message was returned as unroutable");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiple_settles_everything_up_to_the_tag() {
+        let mut p = Pending {
+            next: 1,
+            waiting: BTreeMap::new(),
+        };
+        let mut rx = Vec::new();
+        for seq in 1..=4 {
+            let (tx, r) = oneshot::channel();
+            p.waiting.insert(seq, tx);
+            rx.push(r);
+        }
+        p.settle(3, true, true);
+        assert_eq!(p.waiting.keys().copied().collect::<Vec<_>>(), vec![4]);
+        for r in rx.iter_mut().take(3) {
+            assert_eq!(r.try_recv(), Ok(true));
+        }
+        p.settle(4, false, false);
+        assert_eq!(rx[3].try_recv(), Ok(false));
+    }
+}

@@ -1,0 +1,332 @@
+//! Configuration: every setting is an environment variable and a command-line flag of the same
+//! meaning (`SERVER_PORT` / `--server-port`). `wsnotify --help` lists them all.
+//!
+//! Bad configuration must stop start-up with **one** line that names the variable, so an
+//! operator reading a crash-looping container's log sees the cause at once. [`Config::load`]
+//! turns both clap's parse errors and our own cross-field checks into a [`ConfigError`] whose
+//! `Display` is that line.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// How browsers prove who they are (contract §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Signed JWT in `?token=` or `Authorization: Bearer`; `sub` is the user id.
+    Jwt,
+    /// `?user_id=` is trusted as is. Development only.
+    Insecure,
+}
+
+/// The gateway's settings (`wsnotify serve`).
+#[derive(Clone, Debug, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "SERVER_HOST",
+        value_name = "SERVER_HOST",
+        default_value = "0.0.0.0"
+    )]
+    pub server_host: IpAddr,
+
+    /// Port for WebSocket, health and metrics endpoints.
+    #[arg(
+        long,
+        env = "SERVER_PORT",
+        value_name = "SERVER_PORT",
+        default_value_t = 8081
+    )]
+    pub server_port: u16,
+
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`, vhost percent-encoded: `%2f` is `/`).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        value_name = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Queue the backends publish to; invalid messages go to `<NOTIFY_QUEUE>.dead`.
+    #[arg(
+        long,
+        env = "NOTIFY_QUEUE",
+        value_name = "NOTIFY_QUEUE",
+        default_value = "websocket_notifications"
+    )]
+    pub notify_queue: String,
+
+    /// Unacknowledged broker messages in flight (basic.qos prefetch count).
+    #[arg(
+        long,
+        env = "AMQP_PREFETCH",
+        value_name = "AMQP_PREFETCH",
+        default_value_t = 256
+    )]
+    pub amqp_prefetch: u16,
+
+    /// `jwt` (production) or `insecure` (trusts `?user_id=`, development only).
+    #[arg(
+        long,
+        env = "AUTH_MODE",
+        value_name = "AUTH_MODE",
+        value_enum,
+        default_value = "jwt"
+    )]
+    pub auth_mode: AuthMode,
+
+    /// HS256 shared secret (JWT mode; exclusive with JWT_PUBLIC_KEY_FILE).
+    #[arg(
+        long,
+        env = "JWT_SECRET",
+        value_name = "JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for RS256 (RSA key) or ES256 (P-256 key) tokens.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_name = "JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "JWT_ISSUER", value_name = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "JWT_AUDIENCE", value_name = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Most sockets held at once (handshaking and upgraded); extra ones get 503.
+    /// Default: the process's open-file limit minus 64 (room for the broker link and logs).
+    #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Largest broker message body accepted; larger ones are dead-lettered.
+    #[arg(
+        long,
+        env = "MAX_MESSAGE_BYTES",
+        value_name = "MAX_MESSAGE_BYTES",
+        default_value_t = 65_536
+    )]
+    pub max_message_bytes: usize,
+
+    /// Bytes queued for one client before it is closed with 1013 (slow consumer).
+    #[arg(
+        long,
+        env = "CLIENT_QUEUE_BYTES",
+        value_name = "CLIENT_QUEUE_BYTES",
+        default_value_t = 262_144
+    )]
+    pub client_queue_bytes: usize,
+
+    /// Largest message a client may send; larger ones close the socket with 1009.
+    #[arg(
+        long,
+        env = "MAX_CLIENT_FRAME_BYTES",
+        value_name = "MAX_CLIENT_FRAME_BYTES",
+        default_value_t = 4_096
+    )]
+    pub max_client_frame_bytes: usize,
+
+    /// Per-socket read buffer. Small on purpose: clients send little, and every idle socket
+    /// keeps this many bytes resident.
+    #[arg(
+        long,
+        env = "READ_BUFFER_BYTES",
+        value_name = "READ_BUFFER_BYTES",
+        default_value_t = 512
+    )]
+    pub read_buffer_bytes: usize,
+
+    /// Largest HTTP request head; larger ones get 431.
+    #[arg(
+        long,
+        env = "MAX_HEADER_BYTES",
+        value_name = "MAX_HEADER_BYTES",
+        default_value_t = 8_192
+    )]
+    pub max_header_bytes: usize,
+
+    /// Time a new socket has to send its complete request head (slowloris guard).
+    #[arg(
+        long,
+        env = "HANDSHAKE_TIMEOUT_MS",
+        value_name = "HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub handshake_timeout_ms: u64,
+
+    /// Server ping interval. A peer silent for two intervals is closed.
+    #[arg(
+        long,
+        env = "PING_INTERVAL_MS",
+        value_name = "PING_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
+    pub ping_interval_ms: u64,
+
+    /// Longest a graceful shutdown (SIGTERM) waits for sockets to close before exiting.
+    #[arg(
+        long,
+        env = "SHUTDOWN_TIMEOUT_MS",
+        value_name = "SHUTDOWN_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// One line naming the variable at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            variable,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {}: {}",
+            self.variable, self.problem
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Open-file budget kept back from `MAX_CONNECTIONS` for the listener, the broker link,
+/// stdio and the odd file the process opens.
+const FD_RESERVE: usize = 64;
+
+impl Config {
+    /// Cross-field checks clap cannot express. Called once at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.notify_queue.is_empty() || self.notify_queue.len() > 250 {
+            return Err(ConfigError::new("NOTIFY_QUEUE", "must be 1 to 250 bytes"));
+        }
+        if self.auth_mode == AuthMode::Jwt {
+            match (&self.jwt_secret, &self.jwt_public_key_file) {
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        "JWT_SECRET",
+                        "AUTH_MODE=jwt needs JWT_SECRET or JWT_PUBLIC_KEY_FILE (or set AUTH_MODE=insecure for development)",
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        "JWT_PUBLIC_KEY_FILE",
+                        "set either JWT_SECRET or JWT_PUBLIC_KEY_FILE, not both",
+                    ));
+                }
+                (Some(s), None) if s.len() < 16 => {
+                    return Err(ConfigError::new("JWT_SECRET", "must be at least 16 bytes"));
+                }
+                _ => {}
+            }
+        }
+        if self.amqp_prefetch == 0 {
+            return Err(ConfigError::new("AMQP_PREFETCH", "must be at least 1"));
+        }
+        if self.max_message_bytes < 64 {
+            return Err(ConfigError::new("MAX_MESSAGE_BYTES", "must be at least 64"));
+        }
+        // A frame is the message's `data` plus ~250 bytes of fields: the queue must hold one.
+        if self.client_queue_bytes < self.max_message_bytes + 1024 {
+            return Err(ConfigError::new(
+                "CLIENT_QUEUE_BYTES",
+                "must be at least MAX_MESSAGE_BYTES + 1024, or the largest message could never be sent",
+            ));
+        }
+        if !(128..=1 << 20).contains(&self.read_buffer_bytes) {
+            return Err(ConfigError::new(
+                "READ_BUFFER_BYTES",
+                "must be 128 to 1048576",
+            ));
+        }
+        if !(125..=1 << 24).contains(&self.max_client_frame_bytes) {
+            return Err(ConfigError::new(
+                "MAX_CLIENT_FRAME_BYTES",
+                "must be 125 to 16777216",
+            ));
+        }
+        if !(1024..=1 << 20).contains(&self.max_header_bytes) {
+            return Err(ConfigError::new(
+                "MAX_HEADER_BYTES",
+                "must be 1024 to 1048576",
+            ));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err(ConfigError::new("HANDSHAKE_TIMEOUT_MS", "must be above 0"));
+        }
+        if self.ping_interval_ms < 100 {
+            return Err(ConfigError::new("PING_INTERVAL_MS", "must be at least 100"));
+        }
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));
+        }
+        crate::amqp::parse_url(&self.amqp_url)?;
+        Ok(())
+    }
+
+    /// `MAX_CONNECTIONS`, or what the open-file limit allows.
+    pub fn effective_max_connections(&self) -> usize {
+        self.max_connections
+            .unwrap_or_else(|| open_file_limit().saturating_sub(FD_RESERVE).max(1))
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// Name of the dead-letter queue for invalid messages.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.notify_queue)
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (density needs every descriptor) and
+/// returns it.
+pub fn open_file_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+}

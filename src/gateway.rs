@@ -1,0 +1,151 @@
+//! Builds the gateway from its configuration and runs it until a shutdown signal, then shuts
+//! it down in the order that loses nothing:
+//!
+//! 1. stop accepting (`/readyz` turns 503 at once);
+//! 2. stop consuming — the message in hand is finished and acked, the rest stay unacked and
+//!    the broker requeues them when the channel closes;
+//! 3. wait until every acked frame sits in a connection's mailbox;
+//! 4. tell every connection to flush and close with 1001;
+//! 5. wait for the last socket, at most `SHUTDOWN_TIMEOUT_MS`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::amqp::{self, ConsumerConfig};
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::conn::ws_config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::server::{self, Listener, Shared};
+use crate::shutdown::{self, Tracker};
+
+/// A bound, not yet running gateway.
+pub struct Gateway {
+    config: Config,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// Start-up failures: configuration (one line naming the variable) or the listening socket.
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    Bind(SocketAddr, std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Bind(addr, e) => {
+                write!(f, "cannot listen on {addr} (SERVER_HOST/SERVER_PORT): {e}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl Gateway {
+    /// Validates the configuration and binds the port. Must run inside a tokio runtime.
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let auth = Authenticator::from_config(&config).map_err(StartError::Config)?;
+        let addr = SocketAddr::new(config.server_host, config.server_port);
+        let listener = server::bind(addr)
+            .await
+            .map_err(|e| StartError::Bind(addr, e))?;
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::start(config.client_queue_bytes);
+        let shared = Arc::new(Shared {
+            auth,
+            registry,
+            metrics,
+            tracker: Arc::new(Tracker::default()),
+            ws_config: ws_config(config.read_buffer_bytes, config.max_client_frame_bytes),
+            max_connections: config.effective_max_connections(),
+            max_header_bytes: config.max_header_bytes,
+            handshake_timeout: config.handshake_timeout(),
+            accepting: AtomicBool::new(true),
+        });
+        Ok(Gateway {
+            config,
+            listener,
+            shared,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Runs until `signal` resolves, then shuts down gracefully.
+    pub async fn run(self, signal: impl Future<Output = ()>) {
+        let Gateway {
+            config,
+            listener,
+            shared,
+        } = self;
+        if shared.auth.is_insecure() {
+            warn!(
+                "AUTH_MODE=insecure: any client can claim any user id with ?user_id=; never use this in production"
+            );
+        }
+        info!(
+            addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            queue = %config.notify_queue,
+            max_connections = shared.max_connections,
+            "listening"
+        );
+        let (trigger, shutdown) = shutdown::channel();
+        tokio::spawn(
+            shared
+                .registry
+                .clone()
+                .run_keepalive(config.ping_interval(), trigger.subscribe()),
+        );
+        let consumer = tokio::spawn(amqp::run(
+            ConsumerConfig::from_config(&config),
+            shared.registry.clone(),
+            shared.metrics.clone(),
+            trigger.subscribe(),
+        ));
+        let accept = tokio::spawn(
+            Listener {
+                listener,
+                shared: shared.clone(),
+                shutdown,
+            }
+            .run(),
+        );
+
+        signal.await;
+        info!("shutting down");
+        shared
+            .accepting
+            .store(false, std::sync::atomic::Ordering::Release);
+        trigger.fire();
+        let _ = accept.await;
+        let _ = consumer.await;
+        shared.registry.flush().await;
+        shared.registry.close_all();
+        let open = shared.registry.connections();
+        if tokio::time::timeout(config.shutdown_timeout(), shared.tracker.wait_idle())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = shared.tracker.open(),
+                "shutdown timeout: exiting with sockets still open"
+            );
+        } else {
+            info!(closed = open, "all connections closed");
+        }
+    }
+}

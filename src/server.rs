@@ -1,0 +1,272 @@
+//! The TCP side: a [`Listener`] that owns accepting, and a per-socket handshake that answers
+//! plain HTTP (`/healthz`, `/readyz`, `/metrics`, 404) or upgrades `/ws` to a [`Conn`].
+//!
+//! Everything before the upgrade — reading the head, checking identity, answering — runs in a
+//! boxed future that is freed once the socket is upgraded: the long-lived task then holds only
+//! the [`Conn`], not the memory the handshake needed (an unboxed handshake would size every
+//! connection's task for its whole life).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, error, warn};
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::Authenticator;
+use crate::conn::Conn;
+use crate::http::{self, Head, HeadError, Response};
+use crate::metrics::{Gauges, Metrics, inc};
+use crate::registry::{Handle, Registry};
+use crate::shutdown::{Shutdown, Slot, Tracker};
+
+/// Longest pause between accept retries after an error such as EMFILE.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What every socket handler shares.
+pub struct Shared {
+    pub auth: Authenticator,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub tracker: Arc<Tracker>,
+    pub ws_config: WebSocketConfig,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub handshake_timeout: Duration,
+    /// False once shutdown has begun.
+    pub accepting: AtomicBool,
+}
+
+impl Shared {
+    /// `/readyz`: accepting connections and consuming from the broker.
+    pub fn ready(&self) -> bool {
+        self.accepting.load(Ordering::Acquire) && self.metrics.broker_up.load(Ordering::Acquire)
+    }
+
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            connections: self.registry.connections(),
+            users: self.registry.users(),
+            sockets: self.tracker.open(),
+            ready: self.ready(),
+        }
+    }
+}
+
+/// Owns the listening socket and spawns a task per accepted socket.
+pub struct Listener {
+    pub listener: TcpListener,
+    pub shared: Arc<Shared>,
+    pub shutdown: Shutdown,
+}
+
+impl Listener {
+    /// Accepts until shutdown. Errors from `accept(2)` (EMFILE, ENFILE, ENOBUFS…) are retried
+    /// after a pause that doubles up to a second: the pending connection stays in the backlog,
+    /// so retrying at once would spin a core at 100 % while descriptors are exhausted.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let accepted = tokio::select! {
+                res = self.listener.accept() => res,
+                _ = self.shutdown.recv() => break,
+            };
+            match accepted {
+                Ok((sock, _peer)) => {
+                    backoff = Duration::ZERO;
+                    self.dispatch(sock);
+                }
+                Err(e) => {
+                    inc(&self.shared.metrics.accept_errors);
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
+                    if backoff == ACCEPT_BACKOFF_MAX || backoff == Duration::from_millis(5) {
+                        warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.shutdown.recv() => break,
+                    }
+                }
+            }
+        }
+        self.shared.accepting.store(false, Ordering::Release);
+    }
+
+    fn dispatch(&self, sock: TcpStream) {
+        let shared = &self.shared;
+        let Some(slot) = shared.tracker.try_acquire(shared.max_connections) else {
+            // Over MAX_CONNECTIONS: answer without spawning anything and hang up.
+            inc(&shared.metrics.handshakes_over_capacity);
+            let _ = sock.try_write(&Response::text(503, "too many connections\n").encode());
+            return;
+        };
+        let _ = sock.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let handshake = Box::pin(handshake(sock, shared, slot, shutdown));
+            if let Some(conn) = handshake.await {
+                conn.await;
+            }
+        });
+    }
+}
+
+/// Reads the request head and answers it; returns the connection if it was upgraded.
+async fn handshake(
+    mut sock: TcpStream,
+    shared: Arc<Shared>,
+    slot: Slot,
+    mut shutdown: Shutdown,
+) -> Option<Conn> {
+    let deadline = shared.handshake_timeout;
+    let head = tokio::select! {
+        res = tokio::time::timeout(deadline, http::read_head(&mut sock, shared.max_header_bytes)) => res,
+        _ = shutdown.recv() => return None,
+    };
+    let head = match head {
+        Err(_) => {
+            inc(&shared.metrics.handshakes_timed_out);
+            let _ = sock
+                .try_write(&Response::text(408, "request head not received in time\n").encode());
+            return None;
+        }
+        Ok(Err(HeadError::TooLarge)) => {
+            return answer(&mut sock, Response::text(431, "request head too large\n")).await;
+        }
+        Ok(Err(HeadError::Malformed)) => {
+            return answer(&mut sock, Response::text(400, "malformed request\n")).await;
+        }
+        Ok(Err(HeadError::Closed | HeadError::Io(_))) => return None,
+        Ok(Ok(head)) => head,
+    };
+    match (head.method.as_str(), head.path.as_str()) {
+        (_, "/ws") => {
+            let upgraded = tokio::time::timeout(deadline, upgrade(sock, head, &shared, slot)).await;
+            upgraded.ok().flatten()
+        }
+        ("GET", "/healthz") => answer(&mut sock, Response::text(200, "ok\n")).await,
+        ("GET", "/readyz") => {
+            let r = if shared.ready() {
+                Response::text(200, "ready\n")
+            } else {
+                Response::text(503, "not ready\n")
+            };
+            answer(&mut sock, r).await
+        }
+        ("GET", "/metrics") => {
+            let body = shared.metrics.render(shared.gauges());
+            let r = Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: body.as_bytes(),
+                headers: &[],
+            };
+            answer(&mut sock, r).await
+        }
+        (_, "/healthz" | "/readyz" | "/metrics") => {
+            answer(
+                &mut sock,
+                Response::text(405, "method not allowed\n").with_headers(&[("Allow", "GET")]),
+            )
+            .await
+        }
+        _ => answer(&mut sock, Response::text(404, "not found\n")).await,
+    }
+}
+
+async fn answer(sock: &mut TcpStream, r: Response<'_>) -> Option<Conn> {
+    let _ = tokio::time::timeout(Duration::from_secs(5), r.send(sock)).await;
+    None
+}
+
+/// Checks a `/ws` request, authenticates it, and completes the RFC 6455 handshake.
+async fn upgrade(
+    mut sock: TcpStream,
+    head: Head,
+    shared: &Arc<Shared>,
+    slot: Slot,
+) -> Option<Conn> {
+    let m = &shared.metrics;
+    let refuse = |status: u16, msg: &'static str| (status, msg);
+    let checked = if head.method != "GET" {
+        Err(refuse(405, "WebSocket upgrade needs GET\n"))
+    } else if !head.upgrade_websocket {
+        Err(refuse(426, "this endpoint speaks WebSocket only\n"))
+    } else if !head.http11 || !head.connection_upgrade || !valid_key(head.ws_key.as_deref()) {
+        Err(refuse(400, "invalid WebSocket handshake\n"))
+    } else if head.ws_version.as_deref() != Some("13") {
+        Err(refuse(426, "unsupported WebSocket version\n"))
+    } else if !shared.accepting.load(Ordering::Acquire) {
+        Err(refuse(503, "shutting down\n"))
+    } else {
+        Ok(())
+    };
+    if let Err((status, msg)) = checked {
+        inc(&m.handshakes_bad_request);
+        let headers: &[(&str, &str)] = if status == 426 {
+            &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
+        } else {
+            &[]
+        };
+        return answer(&mut sock, Response::text(status, msg).with_headers(headers)).await;
+    }
+    let identity = match shared
+        .auth
+        .authenticate(head.query.as_deref(), head.bearer.as_deref())
+    {
+        Ok(id) => id,
+        Err(why) => {
+            inc(&m.handshakes_unauthorized);
+            debug!(reason = %why.0, "handshake refused");
+            let r = Response::text(401, "unauthorized\n")
+                .with_headers(&[("WWW-Authenticate", "Bearer")]);
+            return answer(&mut sock, r).await;
+        }
+    };
+
+    let accept =
+        tungstenite::handshake::derive_accept_key(head.ws_key.as_deref().unwrap_or("").as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if sock.write_all(response.as_bytes()).await.is_err() {
+        return None;
+    }
+    let handle = Arc::new(Handle::new(identity.expires_at));
+    let Ok(key) = shared.registry.register(identity.user, handle.clone()) else {
+        // Shutdown began while we were answering: say goodbye the WebSocket way (1001).
+        let _ = sock.write_all(&[0x88, 0x02, 0x03, 0xE9]).await;
+        return None;
+    };
+    inc(&m.handshakes_accepted);
+    Some(Conn::new(
+        sock,
+        head.rest,
+        handle,
+        key,
+        shared.clone(),
+        slot,
+    ))
+}
+
+/// `Sec-WebSocket-Key` must be 16 bytes, base64-encoded (RFC 6455 §4.1).
+fn valid_key(key: Option<&str>) -> bool {
+    key.is_some_and(|k| {
+        k.len() == 24
+            && k.ends_with("==")
+            && k[..22]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    })
+}
+
+/// Binds the listening socket, naming the address in the error.
+pub async fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .inspect_err(|e| error!(%addr, error = %e, "cannot listen"))
+}
