@@ -101,8 +101,9 @@ pub struct Config {
     #[arg(long, env = "JWT_AUDIENCE", value_name = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
-    /// Most sockets held at once (handshaking and upgraded); extra ones get 503.
-    /// Default: the process's open-file limit minus 64 (room for the broker link and logs).
+    /// Most WebSocket connections held at once; an upgrade beyond it gets 503. Plain HTTP
+    /// requests (health checks, scrapes) have a little headroom above it, so a full gateway
+    /// still answers its probes. Default: the open-file limit minus 128.
     #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
@@ -208,9 +209,12 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Open-file budget kept back from `MAX_CONNECTIONS` for the listener, the broker link,
-/// stdio and the odd file the process opens.
-const FD_RESERVE: usize = 64;
+/// Open-file budget kept back from the default `MAX_CONNECTIONS`: [`HTTP_HEADROOM`] sockets
+/// for probes and scrapes, plus the listener, the broker link, stdio and the odd file.
+const FD_RESERVE: usize = 128;
+
+/// Sockets allowed above `MAX_CONNECTIONS` for plain HTTP requests and handshakes in flight.
+pub const HTTP_HEADROOM: usize = 64;
 
 impl Config {
     /// Cross-field checks clap cannot express. Called once at start-up.

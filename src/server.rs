@@ -17,6 +17,7 @@ use tracing::{debug, error, warn};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Authenticator;
+use crate::config::HTTP_HEADROOM;
 use crate::conn::Conn;
 use crate::http::{self, Head, HeadError, Response};
 use crate::metrics::{Gauges, Metrics, inc};
@@ -97,8 +98,9 @@ impl Listener {
 
     fn dispatch(&self, sock: TcpStream) {
         let shared = &self.shared;
-        let Some(slot) = shared.tracker.try_acquire(shared.max_connections) else {
-            // Over MAX_CONNECTIONS: answer without spawning anything and hang up.
+        let limit = shared.max_connections + HTTP_HEADROOM;
+        let Some(slot) = shared.tracker.try_acquire(limit) else {
+            // Out of sockets: answer without spawning anything and hang up.
             inc(&shared.metrics.handshakes_over_capacity);
             let _ = sock.try_write(&Response::text(503, "too many connections\n").encode());
             return;
@@ -202,6 +204,9 @@ async fn upgrade(
         Err(refuse(426, "unsupported WebSocket version\n"))
     } else if !shared.accepting.load(Ordering::Acquire) {
         Err(refuse(503, "shutting down\n"))
+    } else if shared.registry.connections() >= shared.max_connections {
+        inc(&m.handshakes_over_capacity);
+        return answer(&mut sock, Response::text(503, "too many connections\n")).await;
     } else {
         Ok(())
     };

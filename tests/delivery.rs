@@ -33,10 +33,17 @@ async fn user_message_reaches_every_connection_of_that_user_and_nobody_else() {
     let mut alice_tab2 = gw.connect_user("alice").await;
     let mut bob = gw.connect_user("bob").await;
 
-    broker.publish_json(&q, &to_user("alice", "welcome", json!({"message": "Welcome!"}))).await;
+    broker
+        .publish_json(
+            &q,
+            &to_user("alice", "welcome", json!({"message": "Welcome!"})),
+        )
+        .await;
     // A broadcast published after it is the next thing bob may see: if the user message had
     // leaked to him, it would arrive first.
-    broker.publish_json(&q, &to_all("marker", json!(null))).await;
+    broker
+        .publish_json(&q, &to_all("marker", json!(null)))
+        .await;
 
     let a1 = next_frame(&mut alice_tab1).await;
     let a2 = next_frame(&mut alice_tab2).await;
@@ -46,7 +53,8 @@ async fn user_message_reaches_every_connection_of_that_user_and_nobody_else() {
     assert_eq!(a1, a2, "both tabs get the same frame");
     assert_eq!(next_frame(&mut bob).await["type"], "marker");
     assert_eq!(next_frame(&mut alice_tab1).await["type"], "marker");
-    gw.wait_metric("wsnotify_messages_total{outcome=\"delivered\"}", 2).await;
+    gw.wait_metric("wsnotify_messages_total{outcome=\"delivered\"}", 2)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +79,11 @@ async fn user_ids_reach_each_listed_user_with_their_own_user_id() {
     assert_eq!(fa["id"], fb["id"], "one message, one id");
     assert_eq!(fa["timestamp"], fb["timestamp"]);
     assert_eq!(fb["data"], json!({"balance": 10}));
-    assert_eq!(next_frame(&mut c).await["type"], "marker", "c was not listed");
+    assert_eq!(
+        next_frame(&mut c).await["type"],
+        "marker",
+        "c was not listed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +104,9 @@ async fn broadcast_reaches_every_connection_with_one_id_and_data_unchanged() {
         "big": 9007199254740993u64,
         "severity": "info"
     });
-    broker.publish_json(&q, &to_all("announcement", data.clone())).await;
+    broker
+        .publish_json(&q, &to_all("announcement", data.clone()))
+        .await;
     let mut ids = Vec::new();
     for ws in &mut clients {
         let f = next_frame(ws).await;
@@ -101,8 +115,15 @@ async fn broadcast_reaches_every_connection_with_one_id_and_data_unchanged() {
         assert_eq!(f["data"], data, "data is equal as JSON");
         ids.push(f["id"].as_str().unwrap().to_owned());
     }
-    assert!(ids.windows(2).all(|w| w[0] == w[1]), "same id for every recipient: {ids:?}");
-    assert_eq!(uuid::Uuid::parse_str(&ids[0]).unwrap().get_version_num(), 7, "gateway ids are UUID v7");
+    assert!(
+        ids.windows(2).all(|w| w[0] == w[1]),
+        "same id for every recipient: {ids:?}"
+    );
+    assert_eq!(
+        uuid::Uuid::parse_str(&ids[0]).unwrap().get_version_num(),
+        7,
+        "gateway ids are UUID v7"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +150,11 @@ async fn messages_for_one_user_arrive_in_publish_order() {
     let gw = Gateway::start(&q, &[]).await;
     let mut ws = gw.connect_user("ordered").await;
     for i in 0..300 {
-        let env = if i % 10 == 0 { to_all("seq", json!(i)) } else { to_user("ordered", "seq", json!(i)) };
+        let env = if i % 10 == 0 {
+            to_all("seq", json!(i))
+        } else {
+            to_user("ordered", "seq", json!(i))
+        };
         broker.publish_json(&q, &env).await;
     }
     for i in 0..300 {
@@ -143,7 +168,10 @@ async fn message_to_an_absent_user_is_acked_and_counted() {
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
     let gw = Gateway::start(&q, &[]).await;
-    broker.publish_json(&q, &to_user("ghost", "welcome", json!({}))).await;
-    gw.wait_metric("wsnotify_messages_total{outcome=\"no_recipient\"}", 1).await;
+    broker
+        .publish_json(&q, &to_user("ghost", "welcome", json!({})))
+        .await;
+    gw.wait_metric("wsnotify_messages_total{outcome=\"no_recipient\"}", 1)
+        .await;
     assert_eq!(broker.count(&q).await, 0, "acked, not left in the queue");
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicConsumeArguments, BasicPublishArguments, Channel, QueueDeclareArguments, QueueDeleteArguments,
+    BasicConsumeArguments, BasicPublishArguments, Channel, QueueDeclareArguments,
+    QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable};
@@ -31,7 +32,10 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A name no other test (or earlier run) uses.
 pub fn unique(name: &str) -> String {
-    format!("wsn_test_{name}_{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
+    format!(
+        "wsn_test_{name}_{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    )
 }
 
 /// Fails the test with `what` if `fut` takes longer than [`WAIT`].
@@ -78,8 +82,14 @@ impl Gateway {
         let mut child = cmd.spawn().expect("spawn wsnotify");
         let log: Arc<(Mutex<Vec<String>>, Notify)> = Arc::default();
         for pipe in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
         ]
         .into_iter()
         .flatten()
@@ -93,7 +103,12 @@ impl Gateway {
                 }
             });
         }
-        let mut g = Gateway { child, addr: "127.0.0.1:0".parse().unwrap(), queue: queue.to_owned(), log };
+        let mut g = Gateway {
+            child,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            queue: queue.to_owned(),
+            log,
+        };
         let line = g.wait_log("listening").await;
         let addr = line
             .split_whitespace()
@@ -177,10 +192,16 @@ impl Gateway {
     /// Connects as `user` (insecure mode) and waits until the gateway has registered the
     /// connection, so a message published next will find it.
     pub async fn connect_user(&self, user: &str) -> Ws {
-        let before = self.metric("wsnotify_handshakes_total{result=\"accepted\"}").await;
+        let before = self
+            .metric("wsnotify_handshakes_total{result=\"accepted\"}")
+            .await;
         let ws = connect(&self.ws_url(&format!("user_id={user}"))).await;
         within("registration", async {
-            while self.metric("wsnotify_handshakes_total{result=\"accepted\"}").await <= before {
+            while self
+                .metric("wsnotify_handshakes_total{result=\"accepted\"}")
+                .await
+                <= before
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -220,8 +241,15 @@ pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
         req
     })
     .await;
-    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -266,7 +294,9 @@ pub async fn next_frame(ws: &mut Ws) -> serde_json::Value {
     within("a frame", async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).expect("frame is JSON"),
+                Some(Ok(Message::Text(t))) => {
+                    return serde_json::from_str(&t).expect("frame is JSON");
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
             }
@@ -304,9 +334,15 @@ pub struct Broker {
 impl Broker {
     pub async fn connect() -> Broker {
         let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
-        let conn = within("broker connect", Connection::open(&args)).await.expect("RabbitMQ at 127.0.0.1:5672");
+        let conn = within("broker connect", Connection::open(&args))
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672");
         let ch = conn.open_channel(None).await.expect("channel");
-        Broker { conn, ch, cleanup: Vec::new() }
+        Broker {
+            conn,
+            ch,
+            cleanup: Vec::new(),
+        }
     }
 
     /// Remembers queues to delete when the broker handle is dropped.
@@ -354,14 +390,21 @@ impl Broker {
         let ch = self.conn.open_channel(None).await.expect("channel");
         let tag = unique("take");
         let (_, mut rx) = ch
-            .basic_consume_rx(BasicConsumeArguments::new(queue, &tag).auto_ack(true).finish())
+            .basic_consume_rx(
+                BasicConsumeArguments::new(queue, &tag)
+                    .auto_ack(true)
+                    .finish(),
+            )
             .await
             .expect("consume");
         let mut out = Vec::new();
         within(&format!("{n} messages in {queue}"), async {
             while out.len() < n {
                 let m = rx.recv().await.expect("consumer closed");
-                out.push((m.basic_properties.and_then(|p| p.headers().cloned()), m.content.unwrap_or_default()));
+                out.push((
+                    m.basic_properties.and_then(|p| p.headers().cloned()),
+                    m.content.unwrap_or_default(),
+                ));
             }
         })
         .await;
@@ -378,7 +421,10 @@ impl Drop for Broker {
         }
         // Drop cannot await: delete on a helper thread with its own runtime.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
                 if let Ok(conn) = Connection::open(&args).await
