@@ -241,6 +241,10 @@ impl Conn {
             reason: reason.into(),
         }));
         self.phase = Phase::Closing { read };
+        // Bound the wait for the peer's reply: the keepalive sweep drops a connection silent
+        // for two ticks, and from now on nothing the peer sends counts as a sign of life.
+        let tick = self.shared.registry.tick();
+        self.handle.seen(tick.wrapping_sub(1));
     }
 
     /// Acts on registry signals. Returns true if the socket should be dropped at once.
@@ -279,7 +283,9 @@ impl Conn {
         loop {
             match self.ws.read() {
                 Ok(msg) => {
-                    self.handle.seen(self.shared.registry.tick());
+                    if !matches!(self.phase, Phase::Closing { .. }) {
+                        self.handle.seen(self.shared.registry.tick());
+                    }
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {
                             // Push-only gateway: client data is ignored (documented rule).

@@ -306,7 +306,10 @@ pub async fn next_frame(ws: &mut Ws) -> serde_json::Value {
 }
 
 /// Reads until the server closes; returns the close frame (frames before it are skipped).
-pub async fn next_close(ws: &mut Ws) -> Option<CloseFrame> {
+pub async fn next_close<S>(ws: &mut WebSocketStream<S>) -> Option<CloseFrame>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     within("a close frame", async {
         loop {
             match ws.next().await {
