@@ -233,20 +233,21 @@ async fn upgrade(
         }
     };
 
+    // Register before answering 101: a message routed from the moment the client sees the
+    // socket open waits in the mailbox and is written right after the 101.
+    let handle = Arc::new(Handle::new(identity.expires_at));
+    let Ok(key) = shared.registry.register(identity.user, handle.clone()) else {
+        return answer(&mut sock, Response::text(503, "shutting down\n")).await;
+    };
     let accept =
         tungstenite::handshake::derive_accept_key(head.ws_key.as_deref().unwrap_or("").as_bytes());
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     );
     if sock.write_all(response.as_bytes()).await.is_err() {
+        shared.registry.unregister(key);
         return None;
     }
-    let handle = Arc::new(Handle::new(identity.expires_at));
-    let Ok(key) = shared.registry.register(identity.user, handle.clone()) else {
-        // Shutdown began while we were answering: say goodbye the WebSocket way (1001).
-        let _ = sock.write_all(&[0x88, 0x02, 0x03, 0xE9]).await;
-        return None;
-    };
     inc(&m.handshakes_accepted);
     Some(Conn::new(
         sock,

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and integration tests against the real local RabbitMQ, and the
+# browser client's tests in headless Chromium. Installs and starts what is missing (RabbitMQ,
+# Chromium, npm packages). Ends with one line: "tests: N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+ensure_cargo || exit 1
+ensure_rabbitmq || exit 1
+
+passed=0; failed=0; status=0
+out=$(mktemp); trap 'rm -f "$out"' EXIT
+
+count_cargo() {
+  local p f
+  p=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ - | bc 2>/dev/null || echo 0)
+  f=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ - | bc 2>/dev/null || echo 0)
+  passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
+}
+
+log "cargo test (unit + integration, real RabbitMQ)"
+cargo test --locked --all-targets 2>&1 | tee "$out"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+count_cargo
+
+if [ -f client/package.json ]; then
+  ensure_node && ensure_chromium || exit 1
+  log "client: npm ci, build, test (headless Chromium)"
+  cargo build --locked --bin wsnotify >/dev/null 2>&1
+  ( cd client && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test ) 2>&1 | tee "$out"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  p=$(grep -E '^# pass ' "$out" | awk '{s+=$3} END {print s+0}')
+  f=$(grep -E '^# fail ' "$out" | awk '{s+=$3} END {print s+0}')
+  passed=$((passed + p)); failed=$((failed + f))
+fi
+
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
+echo
+echo "tests: $passed passed, $failed failed"
+exit "$status"
