@@ -1,20 +1,29 @@
-//! The broker side: consume the notify queue, validate, route, acknowledge — and keep doing
-//! it across broker restarts.
+//! The broker side: take messages from the notify queue, fan them out to every replica, and
+//! deliver each replica's copy to its own users — across broker restarts.
+//!
+//! ```text
+//!  backends ──▶ websocket_notifications ──▶ (one replica: ingest) ──▶ <queue>.fanout exchange
+//!               (durable, shared)            validate, id, timestamp      │  one copy per replica
+//!                    │ invalid                                           ▼
+//!                    └──▶ <queue>.dead                  <queue>.replica.<uuid>  (each replica)
+//!                                                                        │
+//!                                                           registry ◀───┘ (dedupe, route)
+//! ```
+//!
+//! * [`ingest`]: one replica at a time (an exclusive consumer) validates and republishes, and
+//!   acks only after the broker confirmed the republish;
+//! * [`fanout`]: every replica consumes its own queue and routes to its local registry.
 //!
 //! amqprs does not reconnect by itself. [`run`] is a supervisor loop: one [`session`] per
-//! broker connection; when a session ends because the link is lost, the gateway reports
-//! not-ready, waits with capped exponential backoff (with jitter, so replicas do not reconnect
-//! in lockstep), and starts a new session, which declares its topology and consumes again.
-//! WebSocket clients are untouched throughout.
-//!
-//! Delivery guarantees:
-//! * a message is acked only after its frames have been handed to the registry's shards;
-//! * an invalid message is acked only after the broker has *confirmed* its copy in
-//!   `<queue>.dead`, so it is never lost;
-//! * on shutdown the message in hand is finished, the rest stay unacked and the broker
-//!   requeues them when the channel closes.
+//! broker connection; when the link is lost the gateway reports not-ready, waits with capped
+//! exponential backoff (with jitter, so replicas do not reconnect in lockstep), and starts a
+//! new session, which declares its topology and consumes again. WebSocket clients are untouched
+//! throughout. A replica's queue outlives a short link loss (`x-expires`), so a replica that
+//! reconnects in time also gets what was fanned out while it was away.
 
 pub mod confirm;
+pub mod fanout;
+pub mod ingest;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,34 +32,43 @@ use std::time::{Duration, Instant};
 use amqprs::callbacks::ConnectionCallback;
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
-    ConsumerMessage, QueueDeclareArguments,
+    ConsumerMessage, ExchangeDeclareArguments, ExchangeType, QueueBindArguments,
+    QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use amqprs::{Close, FieldValue};
+use amqprs::{BasicProperties, Close, FieldTable, FieldValue};
 use async_trait::async_trait;
-use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::envelope::Parser;
-use crate::frame::{self, FrameBuilder};
 use crate::metrics::{Metrics, inc};
 use crate::registry::{Outcome, Registry};
 use crate::shutdown::Shutdown;
 use confirm::ConfirmChannel;
+use fanout::Dedupe;
+use tokio::sync::{mpsc, watch};
 
 /// Header carrying the reason on dead-lettered messages (contract §1).
 pub const ERROR_HEADER: &str = "x-wsnotify-error";
 const HEARTBEAT_SECS: u16 = 10;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Copies a replica's queue holds for it at most (oldest dropped first) while it is away.
+const REPLICA_QUEUE_MAX_LENGTH: i64 = 100_000;
 
 /// What the consumer needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     pub url: String,
+    /// The shared notify queue backends publish to.
     pub queue: String,
     pub dead_queue: String,
+    /// Fanout exchange every replica's queue is bound to.
+    pub exchange: String,
+    /// This replica's own queue (unique per process).
+    pub replica_queue: String,
+    pub replica_queue_expires_ms: u64,
+    pub dedupe_window: usize,
     pub prefetch: u16,
     pub max_message_bytes: usize,
 }
@@ -61,6 +79,14 @@ impl ConsumerConfig {
             url: c.amqp_url.clone(),
             queue: c.notify_queue.clone(),
             dead_queue: c.dead_letter_queue(),
+            exchange: format!("{}.fanout", c.notify_queue),
+            replica_queue: format!(
+                "{}.replica.{}",
+                c.notify_queue,
+                uuid::Uuid::now_v7().simple()
+            ),
+            replica_queue_expires_ms: c.replica_queue_expires_ms,
+            dedupe_window: c.dedupe_window,
             prefetch: c.amqp_prefetch,
             max_message_bytes: c.max_message_bytes,
         }
@@ -170,14 +196,15 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {
+    let cfg = Arc::new(cfg);
     let mut backoff = Backoff::default();
-    let mut parser = Parser::new();
+    let mut dedupe = Dedupe::new(cfg.dedupe_window);
     loop {
         let end = session(
             &cfg,
             &registry,
             &metrics,
-            &mut parser,
+            &mut dedupe,
             &mut backoff,
             &mut shutdown,
         )
@@ -199,10 +226,10 @@ pub async fn run(
 
 /// One broker connection: declare, consume, and return when it ends.
 async fn session(
-    cfg: &ConsumerConfig,
+    cfg: &Arc<ConsumerConfig>,
     registry: &Registry,
-    metrics: &Metrics,
-    parser: &mut Parser,
+    metrics: &Arc<Metrics>,
+    dedupe: &mut Dedupe,
     backoff: &mut Backoff,
     shutdown: &mut Shutdown,
 ) -> SessionEnd {
@@ -220,11 +247,28 @@ async fn session(
         Err(e) => return SessionEnd::Lost(format!("connect: {e}")),
     };
     // Subscribe to I/O failures before anything else can fail (see notes on amqprs #125).
+    let (lost_tx, mut lost_rx) = mpsc::channel::<String>(4);
     let io_failure = {
-        let c = conn.clone();
-        tokio::spawn(async move { c.listen_network_io_failure().await })
+        let (c, tx) = (conn.clone(), lost_tx.clone());
+        tokio::spawn(async move {
+            if c.listen_network_io_failure().await {
+                let _ = tx.send("network I/O failure".into()).await;
+            }
+        })
     };
-    let end = match consume(cfg, &conn, registry, metrics, parser, backoff, shutdown).await {
+    let end = match consume(
+        cfg,
+        &conn,
+        registry,
+        metrics,
+        dedupe,
+        backoff,
+        shutdown,
+        lost_tx,
+        &mut lost_rx,
+    )
+    .await
+    {
         Ok(end) => end,
         Err(e) => SessionEnd::Lost(e),
     };
@@ -237,14 +281,18 @@ async fn session(
     end
 }
 
+/// Declares the topology, starts the ingest leg, and consumes this replica's queue.
+#[allow(clippy::too_many_arguments)]
 async fn consume(
-    cfg: &ConsumerConfig,
+    cfg: &Arc<ConsumerConfig>,
     conn: &Connection,
     registry: &Registry,
-    metrics: &Metrics,
-    parser: &mut Parser,
+    metrics: &Arc<Metrics>,
+    dedupe: &mut Dedupe,
     backoff: &mut Backoff,
     shutdown: &mut Shutdown,
+    lost_tx: mpsc::Sender<String>,
+    lost_rx: &mut mpsc::Receiver<String>,
 ) -> Result<SessionEnd, String> {
     let e = |what: &'static str| move |err: amqprs::error::Error| format!("{what}: {err}");
     conn.register_callback(LinkCallback)
@@ -255,40 +303,81 @@ async fn consume(
     ch.queue_declare(QueueDeclareArguments::durable_client_named(&cfg.dead_queue))
         .await
         .map_err(e("declare dead-letter queue"))?;
+    ch.exchange_declare(
+        ExchangeDeclareArguments::of_type(&cfg.exchange, ExchangeType::Fanout)
+            .durable(true)
+            .finish(),
+    )
+    .await
+    .map_err(e("declare fanout exchange"))?;
+    let mut replica_args = FieldTable::new();
+    if let (Ok(k1), Ok(k2), Ok(k3)) = (
+        "x-expires".try_into(),
+        "x-max-length".try_into(),
+        "x-overflow".try_into(),
+    ) {
+        replica_args.insert(
+            k1,
+            FieldValue::l(cfg.replica_queue_expires_ms.try_into().unwrap_or(i64::MAX)),
+        );
+        replica_args.insert(k2, FieldValue::l(REPLICA_QUEUE_MAX_LENGTH));
+        replica_args.insert(k3, FieldValue::from("drop-head"));
+    }
+    ch.queue_declare(
+        QueueDeclareArguments::new(&cfg.replica_queue)
+            .arguments(replica_args)
+            .finish(),
+    )
+    .await
+    .map_err(e("declare replica queue"))?;
+    ch.queue_bind(QueueBindArguments::new(
+        &cfg.replica_queue,
+        &cfg.exchange,
+        "",
+    ))
+    .await
+    .map_err(e("bind replica queue"))?;
     ch.basic_qos(BasicQosArguments::new(0, cfg.prefetch, false))
         .await
         .map_err(e("qos"))?;
-    let dead = ConfirmChannel::open(conn)
-        .await
-        .map_err(e("open confirm channel"))?;
-    let tag = format!("wsnotify-{}", uuid::Uuid::now_v7());
+    let tag = format!("wsnotify-fanout-{}", uuid::Uuid::now_v7());
     let (_, mut rx) = ch
         .basic_consume_rx(
-            BasicConsumeArguments::new(&cfg.queue, &tag)
+            BasicConsumeArguments::new(&cfg.replica_queue, &tag)
                 .manual_ack(true)
                 .finish(),
         )
         .await
-        .map_err(e("consume"))?;
+        .map_err(e("consume replica queue"))?;
+    let publisher = Arc::new(
+        ConfirmChannel::open(conn)
+            .await
+            .map_err(e("open confirm channel"))?,
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let taker = tokio::spawn(ingest::run(
+        conn.clone(),
+        cfg.clone(),
+        publisher.clone(),
+        metrics.clone(),
+        stop_rx,
+        lost_tx,
+    ));
 
     metrics.broker_up.store(true, Ordering::Release);
     inc(&metrics.broker_connects);
     backoff.reset();
-    info!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
+    info!(queue = %cfg.queue, replica_queue = %cfg.replica_queue, prefetch = cfg.prefetch, "consuming");
 
-    let mut log = RateLimited::default();
     let mut health = tokio::time::interval(Duration::from_secs(1));
     let end = loop {
         tokio::select! {
             biased;
             _ = shutdown.recv() => break SessionEnd::Shutdown,
+            why = lost_rx.recv() => break SessionEnd::Lost(why.unwrap_or_else(|| "ingest stopped".into())),
             msg = rx.recv() => match msg {
-                Some(msg) => {
-                    if let Err(why) = handle(msg, cfg, &ch, &dead, registry, metrics, parser, &mut log).await {
-                        break SessionEnd::Lost(why);
-                    }
-                }
-                None => break SessionEnd::Lost("consumer channel closed".into()),
+                Some(msg) => deliver(msg, &ch, registry, metrics, dedupe).await?,
+                None => break SessionEnd::Lost("replica consumer closed".into()),
             },
             _ = health.tick() => {
                 if !conn.is_open() || !ch.is_open() {
@@ -298,9 +387,74 @@ async fn consume(
         }
     };
     metrics.broker_up.store(false, Ordering::Release);
-    dead.close().await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), taker).await;
+    if let SessionEnd::Shutdown = end {
+        // Deliver everything this replica took in before its users are told to go: a marker
+        // sent to our own queue after the taker stopped arrives after every copy before it.
+        let marker = format!("drain-{}", uuid::Uuid::now_v7());
+        let props = BasicProperties::default().with_message_id(&marker).finish();
+        if let Ok(confirm) = publisher
+            .publish(
+                props,
+                Vec::new(),
+                BasicPublishArguments::new("", &cfg.replica_queue),
+            )
+            .await
+        {
+            let drained = async {
+                let _ = confirm.wait().await;
+                while let Some(msg) = rx.recv().await {
+                    let is_marker =
+                        msg.basic_properties.as_ref().and_then(|p| p.message_id()) == Some(&marker);
+                    if is_marker {
+                        break;
+                    }
+                    deliver(msg, &ch, registry, metrics, dedupe).await?;
+                }
+                Ok::<(), String>(())
+            };
+            if tokio::time::timeout(Duration::from_secs(5), drained)
+                .await
+                .is_err()
+            {
+                warn!("replica queue not drained within 5 s");
+            }
+        }
+        let _ = ch
+            .queue_delete(QueueDeleteArguments::new(&cfg.replica_queue))
+            .await;
+    }
+    if let Ok(p) = Arc::try_unwrap(publisher) {
+        p.close().await;
+    }
     let _ = ch.close().await;
     Ok(end)
+}
+
+/// Routes one fanout copy to this replica's users and acks it.
+async fn deliver(
+    msg: ConsumerMessage,
+    ch: &Channel,
+    registry: &Registry,
+    metrics: &Metrics,
+    dedupe: &mut Dedupe,
+) -> Result<(), String> {
+    let Some(d) = msg.deliver else { return Ok(()) };
+    match fanout::Wire::decode(
+        msg.basic_properties.as_ref(),
+        msg.content.unwrap_or_default(),
+    ) {
+        Ok(wire) if dedupe.is_duplicate(&wire) => inc(&metrics.duplicates_dropped),
+        Ok(wire) => match registry.route(&wire.target, &wire.frame_builder()).await {
+            Outcome::Delivered => inc(&metrics.messages_delivered),
+            Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
+        },
+        Err(why) => warn!(reason = %why, "ignoring a malformed message on the fanout exchange"),
+    }
+    ch.basic_ack(BasicAckArguments::new(d.delivery_tag(), false))
+        .await
+        .map_err(|e| format!("ack: {e}"))
 }
 
 /// Declares the notify queue as a plain durable queue — unless it already exists, in which case
@@ -331,78 +485,15 @@ async fn declare_queue(conn: &Connection, queue: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Validates, routes and acks one delivery. An error means the link is unusable.
-#[allow(clippy::too_many_arguments)]
-async fn handle(
-    msg: ConsumerMessage,
-    cfg: &ConsumerConfig,
-    ch: &Channel,
-    dead: &ConfirmChannel,
-    registry: &Registry,
-    metrics: &Metrics,
-    parser: &mut Parser,
-    log: &mut RateLimited,
-) -> Result<(), String> {
-    let Some(deliver) = msg.deliver else {
-        return Ok(());
-    };
-    let body = msg.content.unwrap_or_default();
-    let received = OffsetDateTime::now_utc();
-    match parser.parse(&body, cfg.max_message_bytes) {
-        Ok(env) => {
-            let id = match &env.id {
-                Some(id) => id.to_string(),
-                None => uuid::Uuid::now_v7().to_string(),
-            };
-            let timestamp = frame::timestamp(received);
-            let mut data = Vec::with_capacity(body.len());
-            frame::encode_data(env.data.as_ref(), &mut data);
-            let builder = FrameBuilder {
-                id: &id,
-                message_type: &env.message_type,
-                timestamp: &timestamp,
-                data: &data,
-            };
-            match registry.route(&env.target, &builder).await {
-                Outcome::Delivered => inc(&metrics.messages_delivered),
-                Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
-            }
-        }
-        Err(invalid) => {
-            let reason = invalid.to_string();
-            let mut props = msg.basic_properties.unwrap_or_default();
-            let mut headers = props.headers().cloned().unwrap_or_default();
-            let key = ERROR_HEADER
-                .try_into()
-                .map_err(|_| "header name".to_owned())?;
-            headers.insert(key, FieldValue::from(reason.clone()));
-            props.with_headers(headers).with_persistence(true);
-            let confirm = dead
-                .publish(props, body, BasicPublishArguments::new("", &cfg.dead_queue))
-                .await
-                .map_err(|e| format!("dead-letter publish: {e}"))?;
-            confirm
-                .wait()
-                .await
-                .map_err(|e| format!("dead-letter publish: {e}"))?;
-            inc(&metrics.messages_dead_lettered);
-            log.warn(&reason);
-        }
-    }
-    ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false))
-        .await
-        .map_err(|e| format!("ack: {e}"))
-}
-
 /// At most one warning per second about invalid messages, with a count of the rest.
 #[derive(Default)]
-struct RateLimited {
+pub(crate) struct RateLimited {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimited {
-    fn warn(&mut self, reason: &str) {
+    pub(crate) fn warn(&mut self, reason: &str) {
         let now = Instant::now();
         if self
             .last

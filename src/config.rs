@@ -61,6 +61,25 @@ pub struct Config {
     )]
     pub notify_queue: String,
 
+    /// How long this replica's fan-out queue survives without it (broker `x-expires`): a
+    /// replica that reconnects within this time also gets what was fanned out meanwhile.
+    #[arg(
+        long,
+        env = "REPLICA_QUEUE_EXPIRES_MS",
+        value_name = "REPLICA_QUEUE_EXPIRES_MS",
+        default_value_t = 60_000
+    )]
+    pub replica_queue_expires_ms: u64,
+
+    /// Message ids remembered to drop duplicate fan-out copies.
+    #[arg(
+        long,
+        env = "DEDUPE_WINDOW",
+        value_name = "DEDUPE_WINDOW",
+        default_value_t = 65_536
+    )]
+    pub dedupe_window: usize,
+
     /// Unacknowledged broker messages in flight (basic.qos prefetch count).
     #[arg(
         long,
@@ -219,8 +238,18 @@ pub const HTTP_HEADROOM: usize = 64;
 impl Config {
     /// Cross-field checks clap cannot express. Called once at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.notify_queue.is_empty() || self.notify_queue.len() > 250 {
-            return Err(ConfigError::new("NOTIFY_QUEUE", "must be 1 to 250 bytes"));
+        // Derived names (`<queue>.replica.<32 hex>`) must fit AMQP's 255-byte short strings.
+        if self.notify_queue.is_empty() || self.notify_queue.len() > 200 {
+            return Err(ConfigError::new("NOTIFY_QUEUE", "must be 1 to 200 bytes"));
+        }
+        if self.replica_queue_expires_ms < 1000 {
+            return Err(ConfigError::new(
+                "REPLICA_QUEUE_EXPIRES_MS",
+                "must be at least 1000",
+            ));
+        }
+        if self.dedupe_window == 0 {
+            return Err(ConfigError::new("DEDUPE_WINDOW", "must be at least 1"));
         }
         if self.auth_mode == AuthMode::Jwt {
             match (&self.jwt_secret, &self.jwt_public_key_file) {

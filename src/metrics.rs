@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub struct Metrics {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
+    pub messages_ingested: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub messages_no_recipient: AtomicU64,
     pub messages_dead_lettered: AtomicU64,
@@ -26,6 +28,7 @@ pub struct Metrics {
     pub accept_errors: AtomicU64,
     pub broker_connects: AtomicU64,
     pub broker_up: AtomicBool,
+    pub ingest_active: AtomicBool,
 }
 
 /// Values owned elsewhere, sampled when `/metrics` is scraped.
@@ -98,8 +101,18 @@ impl Metrics {
             &[("", get(&self.bytes_sent))],
         );
         counter(
+            "wsnotify_ingested_total",
+            "Messages this replica took from the notify queue and fanned out to every replica.",
+            &[("", get(&self.messages_ingested))],
+        );
+        counter(
+            "wsnotify_duplicates_dropped_total",
+            "Fan-out copies dropped as already delivered (redelivery after a replica failure, or a publisher retrying an id).",
+            &[("", get(&self.duplicates_dropped))],
+        );
+        counter(
             "wsnotify_messages_total",
-            "Broker messages taken in, by outcome.",
+            "Messages by outcome: delivered / no_recipient (on this replica), dead_lettered (by this replica's ingest).",
             &[
                 ("outcome=\"delivered\"", get(&self.messages_delivered)),
                 ("outcome=\"no_recipient\"", get(&self.messages_no_recipient)),
