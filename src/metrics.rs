@@ -79,6 +79,11 @@ impl Metrics {
             "1 while /readyz answers 200.",
             g.ready as u64,
         );
+        gauge(
+            "wsnotify_ingest_active",
+            "1 while this replica is the one taking the notify queue (the others stand by).",
+            self.ingest_active.load(Ordering::Relaxed) as u64,
+        );
 
         let mut counter = |name: &str, help: &str, rows: &[(&str, u64)]| {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
