@@ -74,9 +74,10 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    pub fn from_config(c: &Config) -> Self {
-        Self {
-            url: c.amqp_url.clone(),
+    /// `None` in standalone mode (no `AMQP_URL`).
+    pub fn from_config(c: &Config) -> Option<Self> {
+        Some(Self {
+            url: c.amqp_url.clone()?,
             queue: c.notify_queue.clone(),
             dead_queue: c.dead_letter_queue(),
             exchange: format!("{}.fanout", c.notify_queue),
@@ -89,7 +90,24 @@ impl ConsumerConfig {
             dedupe_window: c.dedupe_window,
             prefetch: c.amqp_prefetch,
             max_message_bytes: c.max_message_bytes,
-        }
+        })
+    }
+}
+
+/// The session's confirm channel, shared with `POST /api/publish` while the link is up.
+#[derive(Default)]
+pub struct Link {
+    publisher: parking_lot::RwLock<Option<Arc<ConfirmChannel>>>,
+}
+
+impl Link {
+    /// The live publisher, or `None` while the broker link is down.
+    pub fn publisher(&self) -> Option<Arc<ConfirmChannel>> {
+        self.publisher.read().clone()
+    }
+
+    fn set(&self, p: Option<Arc<ConfirmChannel>>) {
+        *self.publisher.write() = p;
     }
 }
 
@@ -194,26 +212,24 @@ pub async fn run(
     cfg: ConsumerConfig,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    link: Arc<Link>,
     mut shutdown: Shutdown,
 ) {
-    let cfg = Arc::new(cfg);
-    let mut backoff = Backoff::default();
-    let mut dedupe = Dedupe::new(cfg.dedupe_window);
+    let mut consumer = Consumer {
+        dedupe: Dedupe::new(cfg.dedupe_window),
+        cfg: Arc::new(cfg),
+        registry,
+        metrics,
+        link,
+        backoff: Backoff::default(),
+    };
     loop {
-        let end = session(
-            &cfg,
-            &registry,
-            &metrics,
-            &mut dedupe,
-            &mut backoff,
-            &mut shutdown,
-        )
-        .await;
-        metrics.broker_up.store(false, Ordering::Release);
+        let end = consumer.session(&mut shutdown).await;
+        consumer.metrics.broker_up.store(false, Ordering::Release);
         match end {
             SessionEnd::Shutdown => return,
             SessionEnd::Lost(why) => {
-                let delay = backoff.next_delay();
+                let delay = consumer.backoff.next_delay();
                 warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "broker link down; gateway not ready");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -224,212 +240,206 @@ pub async fn run(
     }
 }
 
-/// One broker connection: declare, consume, and return when it ends.
-async fn session(
-    cfg: &Arc<ConsumerConfig>,
-    registry: &Registry,
-    metrics: &Arc<Metrics>,
-    dedupe: &mut Dedupe,
-    backoff: &mut Backoff,
-    shutdown: &mut Shutdown,
-) -> SessionEnd {
-    if shutdown.is_shutdown() {
-        return SessionEnd::Shutdown;
-    }
-    let args = match parse_url(&cfg.url) {
-        Ok(mut a) => a
-            .connection_name(&format!("wsnotify {}", std::process::id()))
-            .finish(),
-        Err(e) => return SessionEnd::Lost(e.to_string()),
-    };
-    let conn = match Connection::open(&args).await {
-        Ok(c) => c,
-        Err(e) => return SessionEnd::Lost(format!("connect: {e}")),
-    };
-    // Subscribe to I/O failures before anything else can fail (see notes on amqprs #125).
-    let (lost_tx, mut lost_rx) = mpsc::channel::<String>(4);
-    let io_failure = {
-        let (c, tx) = (conn.clone(), lost_tx.clone());
-        tokio::spawn(async move {
-            if c.listen_network_io_failure().await {
-                let _ = tx.send("network I/O failure".into()).await;
-            }
-        })
-    };
-    let end = match consume(
-        cfg,
-        &conn,
-        registry,
-        metrics,
-        dedupe,
-        backoff,
-        shutdown,
-        lost_tx,
-        &mut lost_rx,
-    )
-    .await
-    {
-        Ok(end) => end,
-        Err(e) => SessionEnd::Lost(e),
-    };
-    io_failure.abort();
-    metrics.broker_up.store(false, Ordering::Release);
-    if conn.is_open() {
-        // Closing the connection requeues every delivery we did not ack.
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
-    }
-    end
+/// What outlives one broker session.
+struct Consumer {
+    cfg: Arc<ConsumerConfig>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    link: Arc<Link>,
+    dedupe: Dedupe,
+    backoff: Backoff,
 }
 
-/// Declares the topology, starts the ingest leg, and consumes this replica's queue.
-#[allow(clippy::too_many_arguments)]
-async fn consume(
-    cfg: &Arc<ConsumerConfig>,
-    conn: &Connection,
-    registry: &Registry,
-    metrics: &Arc<Metrics>,
-    dedupe: &mut Dedupe,
-    backoff: &mut Backoff,
-    shutdown: &mut Shutdown,
-    lost_tx: mpsc::Sender<String>,
-    lost_rx: &mut mpsc::Receiver<String>,
-) -> Result<SessionEnd, String> {
-    let e = |what: &'static str| move |err: amqprs::error::Error| format!("{what}: {err}");
-    conn.register_callback(LinkCallback)
-        .await
-        .map_err(e("register callback"))?;
-    declare_queue(conn, &cfg.queue).await?;
-    let ch = conn.open_channel(None).await.map_err(e("open channel"))?;
-    ch.queue_declare(QueueDeclareArguments::durable_client_named(&cfg.dead_queue))
-        .await
-        .map_err(e("declare dead-letter queue"))?;
-    ch.exchange_declare(
-        ExchangeDeclareArguments::of_type(&cfg.exchange, ExchangeType::Fanout)
-            .durable(true)
-            .finish(),
-    )
-    .await
-    .map_err(e("declare fanout exchange"))?;
-    let mut replica_args = FieldTable::new();
-    if let (Ok(k1), Ok(k2), Ok(k3)) = (
-        "x-expires".try_into(),
-        "x-max-length".try_into(),
-        "x-overflow".try_into(),
-    ) {
-        replica_args.insert(
-            k1,
-            FieldValue::l(cfg.replica_queue_expires_ms.try_into().unwrap_or(i64::MAX)),
-        );
-        replica_args.insert(k2, FieldValue::l(REPLICA_QUEUE_MAX_LENGTH));
-        replica_args.insert(k3, FieldValue::from("drop-head"));
+impl Consumer {
+    /// One broker connection: declare, consume, and return when it ends.
+    async fn session(&mut self, shutdown: &mut Shutdown) -> SessionEnd {
+        if shutdown.is_shutdown() {
+            return SessionEnd::Shutdown;
+        }
+        let args = match parse_url(&self.cfg.url) {
+            Ok(mut a) => a
+                .connection_name(&format!("wsnotify {}", std::process::id()))
+                .finish(),
+            Err(e) => return SessionEnd::Lost(e.to_string()),
+        };
+        let conn = match Connection::open(&args).await {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Lost(format!("connect: {e}")),
+        };
+        // Subscribe to I/O failures before anything else can fail (see notes on amqprs #125).
+        let (lost_tx, mut lost_rx) = mpsc::channel::<String>(4);
+        let io_failure = {
+            let (c, tx) = (conn.clone(), lost_tx.clone());
+            tokio::spawn(async move {
+                if c.listen_network_io_failure().await {
+                    let _ = tx.send("network I/O failure".into()).await;
+                }
+            })
+        };
+        let end = match self.consume(&conn, shutdown, lost_tx, &mut lost_rx).await {
+            Ok(end) => end,
+            Err(e) => SessionEnd::Lost(e),
+        };
+        self.link.set(None);
+        io_failure.abort();
+        self.metrics.broker_up.store(false, Ordering::Release);
+        if conn.is_open() {
+            // Closing the connection requeues every delivery we did not ack.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
+        }
+        end
     }
-    ch.queue_declare(
-        QueueDeclareArguments::new(&cfg.replica_queue)
-            .arguments(replica_args)
-            .finish(),
-    )
-    .await
-    .map_err(e("declare replica queue"))?;
-    ch.queue_bind(QueueBindArguments::new(
-        &cfg.replica_queue,
-        &cfg.exchange,
-        "",
-    ))
-    .await
-    .map_err(e("bind replica queue"))?;
-    ch.basic_qos(BasicQosArguments::new(0, cfg.prefetch, false))
-        .await
-        .map_err(e("qos"))?;
-    let tag = format!("wsnotify-fanout-{}", uuid::Uuid::now_v7());
-    let (_, mut rx) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new(&cfg.replica_queue, &tag)
-                .manual_ack(true)
+
+    /// Declares the topology, starts the ingest leg, and consumes this replica's queue.
+    async fn consume(
+        &mut self,
+        conn: &Connection,
+        shutdown: &mut Shutdown,
+        lost_tx: mpsc::Sender<String>,
+        lost_rx: &mut mpsc::Receiver<String>,
+    ) -> Result<SessionEnd, String> {
+        let cfg = self.cfg.clone();
+        let (registry, metrics) = (self.registry.clone(), self.metrics.clone());
+        let dedupe = &mut self.dedupe;
+        let e = |what: &'static str| move |err: amqprs::error::Error| format!("{what}: {err}");
+        conn.register_callback(LinkCallback)
+            .await
+            .map_err(e("register callback"))?;
+        declare_queue(conn, &cfg.queue).await?;
+        let ch = conn.open_channel(None).await.map_err(e("open channel"))?;
+        ch.queue_declare(QueueDeclareArguments::durable_client_named(&cfg.dead_queue))
+            .await
+            .map_err(e("declare dead-letter queue"))?;
+        ch.exchange_declare(
+            ExchangeDeclareArguments::of_type(&cfg.exchange, ExchangeType::Fanout)
+                .durable(true)
                 .finish(),
         )
         .await
-        .map_err(e("consume replica queue"))?;
-    let publisher = Arc::new(
-        ConfirmChannel::open(conn)
-            .await
-            .map_err(e("open confirm channel"))?,
-    );
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let taker = tokio::spawn(ingest::run(
-        conn.clone(),
-        cfg.clone(),
-        publisher.clone(),
-        metrics.clone(),
-        stop_rx,
-        lost_tx,
-    ));
-
-    metrics.broker_up.store(true, Ordering::Release);
-    inc(&metrics.broker_connects);
-    backoff.reset();
-    info!(queue = %cfg.queue, replica_queue = %cfg.replica_queue, prefetch = cfg.prefetch, "consuming");
-
-    let mut health = tokio::time::interval(Duration::from_secs(1));
-    let end = loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.recv() => break SessionEnd::Shutdown,
-            why = lost_rx.recv() => break SessionEnd::Lost(why.unwrap_or_else(|| "ingest stopped".into())),
-            msg = rx.recv() => match msg {
-                Some(msg) => deliver(msg, &ch, registry, metrics, dedupe).await?,
-                None => break SessionEnd::Lost("replica consumer closed".into()),
-            },
-            _ = health.tick() => {
-                if !conn.is_open() || !ch.is_open() {
-                    break SessionEnd::Lost("connection closed".into());
-                }
-            }
+        .map_err(e("declare fanout exchange"))?;
+        let mut replica_args = FieldTable::new();
+        if let (Ok(k1), Ok(k2), Ok(k3)) = (
+            "x-expires".try_into(),
+            "x-max-length".try_into(),
+            "x-overflow".try_into(),
+        ) {
+            replica_args.insert(
+                k1,
+                FieldValue::l(cfg.replica_queue_expires_ms.try_into().unwrap_or(i64::MAX)),
+            );
+            replica_args.insert(k2, FieldValue::l(REPLICA_QUEUE_MAX_LENGTH));
+            replica_args.insert(k3, FieldValue::from("drop-head"));
         }
-    };
-    metrics.broker_up.store(false, Ordering::Release);
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), taker).await;
-    if let SessionEnd::Shutdown = end {
-        // Deliver everything this replica took in before its users are told to go: a marker
-        // sent to our own queue after the taker stopped arrives after every copy before it.
-        let marker = format!("drain-{}", uuid::Uuid::now_v7());
-        let props = BasicProperties::default().with_message_id(&marker).finish();
-        if let Ok(confirm) = publisher
-            .publish(
-                props,
-                Vec::new(),
-                BasicPublishArguments::new("", &cfg.replica_queue),
+        ch.queue_declare(
+            QueueDeclareArguments::new(&cfg.replica_queue)
+                .arguments(replica_args)
+                .finish(),
+        )
+        .await
+        .map_err(e("declare replica queue"))?;
+        ch.queue_bind(QueueBindArguments::new(
+            &cfg.replica_queue,
+            &cfg.exchange,
+            "",
+        ))
+        .await
+        .map_err(e("bind replica queue"))?;
+        ch.basic_qos(BasicQosArguments::new(0, cfg.prefetch, false))
+            .await
+            .map_err(e("qos"))?;
+        let tag = format!("wsnotify-fanout-{}", uuid::Uuid::now_v7());
+        let (_, mut rx) = ch
+            .basic_consume_rx(
+                BasicConsumeArguments::new(&cfg.replica_queue, &tag)
+                    .manual_ack(true)
+                    .finish(),
             )
             .await
-        {
-            let drained = async {
-                let _ = confirm.wait().await;
-                while let Some(msg) = rx.recv().await {
-                    let is_marker =
-                        msg.basic_properties.as_ref().and_then(|p| p.message_id()) == Some(&marker);
-                    if is_marker {
-                        break;
-                    }
-                    deliver(msg, &ch, registry, metrics, dedupe).await?;
-                }
-                Ok::<(), String>(())
-            };
-            if tokio::time::timeout(Duration::from_secs(5), drained)
+            .map_err(e("consume replica queue"))?;
+        let publisher = Arc::new(
+            ConfirmChannel::open(conn)
                 .await
-                .is_err()
-            {
-                warn!("replica queue not drained within 5 s");
+                .map_err(e("open confirm channel"))?,
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let taker = tokio::spawn(ingest::run(
+            conn.clone(),
+            cfg.clone(),
+            publisher.clone(),
+            metrics.clone(),
+            stop_rx,
+            lost_tx,
+        ));
+
+        self.link.set(Some(publisher.clone()));
+        metrics.broker_up.store(true, Ordering::Release);
+        inc(&metrics.broker_connects);
+        self.backoff.reset();
+        info!(queue = %cfg.queue, replica_queue = %cfg.replica_queue, prefetch = cfg.prefetch, "consuming");
+
+        let mut health = tokio::time::interval(Duration::from_secs(1));
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.recv() => break SessionEnd::Shutdown,
+                why = lost_rx.recv() => break SessionEnd::Lost(why.unwrap_or_else(|| "ingest stopped".into())),
+                msg = rx.recv() => match msg {
+                    Some(msg) => deliver(msg, &ch, &registry, &metrics, dedupe).await?,
+                    None => break SessionEnd::Lost("replica consumer closed".into()),
+                },
+                _ = health.tick() => {
+                    if !conn.is_open() || !ch.is_open() {
+                        break SessionEnd::Lost("connection closed".into());
+                    }
+                }
             }
+        };
+        metrics.broker_up.store(false, Ordering::Release);
+        self.link.set(None);
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), taker).await;
+        if let SessionEnd::Shutdown = end {
+            // Deliver everything this replica took in before its users are told to go: a marker
+            // sent to our own queue after the taker stopped arrives after every copy before it.
+            let marker = format!("drain-{}", uuid::Uuid::now_v7());
+            let props = BasicProperties::default().with_message_id(&marker).finish();
+            if let Ok(confirm) = publisher
+                .publish(
+                    props,
+                    Vec::new(),
+                    BasicPublishArguments::new("", &cfg.replica_queue),
+                )
+                .await
+            {
+                let drained = async {
+                    let _ = confirm.wait().await;
+                    while let Some(msg) = rx.recv().await {
+                        let is_marker = msg.basic_properties.as_ref().and_then(|p| p.message_id())
+                            == Some(&marker);
+                        if is_marker {
+                            break;
+                        }
+                        deliver(msg, &ch, &registry, &metrics, dedupe).await?;
+                    }
+                    Ok::<(), String>(())
+                };
+                if tokio::time::timeout(Duration::from_secs(5), drained)
+                    .await
+                    .is_err()
+                {
+                    warn!("replica queue not drained within 5 s");
+                }
+            }
+            let _ = ch
+                .queue_delete(QueueDeleteArguments::new(&cfg.replica_queue))
+                .await;
         }
-        let _ = ch
-            .queue_delete(QueueDeleteArguments::new(&cfg.replica_queue))
-            .await;
+        if let Ok(p) = Arc::try_unwrap(publisher) {
+            p.close().await;
+        }
+        let _ = ch.close().await;
+        Ok(end)
     }
-    if let Ok(p) = Arc::try_unwrap(publisher) {
-        p.close().await;
-    }
-    let _ = ch.close().await;
-    Ok(end)
 }
 
 /// Routes one fanout copy to this replica's users and acks it.
@@ -461,7 +471,7 @@ async fn deliver(
 /// it is left exactly as the backends declared it (re-declaring with other arguments would make
 /// the broker refuse with PRECONDITION_FAILED). A failed passive declare closes its channel,
 /// hence the throwaway channel.
-async fn declare_queue(conn: &Connection, queue: &str) -> Result<(), String> {
+pub(crate) async fn declare_queue(conn: &Connection, queue: &str) -> Result<(), String> {
     let probe = conn
         .open_channel(None)
         .await

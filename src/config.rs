@@ -44,13 +44,18 @@ pub struct Config {
     pub server_port: u16,
 
     /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`, vhost percent-encoded: `%2f` is `/`).
+    /// Unset: standalone mode — no broker; notifications come in through `POST /api/publish`.
     #[arg(
         long,
         env = "AMQP_URL",
         value_name = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        hide_env_values = true
     )]
-    pub amqp_url: String,
+    pub amqp_url: Option<String>,
+
+    /// File holding AMQP_URL (e.g. a Docker/Swarm secret), instead of the variable itself.
+    #[arg(long, env = "AMQP_URL_FILE", value_name = "AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
 
     /// Queue the backends publish to; invalid messages go to `<NOTIFY_QUEUE>.dead`.
     #[arg(
@@ -108,6 +113,10 @@ pub struct Config {
     )]
     pub jwt_secret: Option<String>,
 
+    /// File holding JWT_SECRET (e.g. a Docker/Swarm secret), instead of the variable itself.
+    #[arg(long, env = "JWT_SECRET_FILE", value_name = "JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
     /// PEM public key file for RS256 (RSA key) or ES256 (P-256 key) tokens.
     #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_name = "JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
@@ -119,6 +128,33 @@ pub struct Config {
     /// Required `aud` claim, when set.
     #[arg(long, env = "JWT_AUDIENCE", value_name = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+
+    /// Enables `POST /api/publish` for callers presenting `Authorization: Bearer <key>`.
+    /// Unset: the endpoint does not exist (404).
+    #[arg(
+        long,
+        env = "PUBLISH_API_KEY",
+        value_name = "PUBLISH_API_KEY",
+        hide_env_values = true
+    )]
+    pub publish_api_key: Option<String>,
+
+    /// File holding PUBLISH_API_KEY, instead of the variable itself.
+    #[arg(
+        long,
+        env = "PUBLISH_API_KEY_FILE",
+        value_name = "PUBLISH_API_KEY_FILE"
+    )]
+    pub publish_api_key_file: Option<PathBuf>,
+
+    /// Largest `POST /api/publish` body (one envelope or an array of them); larger gets 413.
+    #[arg(
+        long,
+        env = "MAX_PUBLISH_BYTES",
+        value_name = "MAX_PUBLISH_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub max_publish_bytes: usize,
 
     /// Most WebSocket connections held at once; an upgrade beyond it gets 503. Plain HTTP
     /// requests (health checks, scrapes) have a little headroom above it, so a full gateway
@@ -235,8 +271,60 @@ const FD_RESERVE: usize = 128;
 /// Sockets allowed above `MAX_CONNECTIONS` for plain HTTP requests and handshakes in flight.
 pub const HTTP_HEADROOM: usize = 64;
 
+/// Reads a secret from `path` (trailing newline dropped); `var` names the variable at fault.
+fn read_secret(var: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(var, format!("cannot read {}: {e}", path.display())))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+/// Fills `value` from `file` when only the file is given.
+fn from_file(
+    value: &mut Option<String>,
+    file: &Option<PathBuf>,
+    var: &'static str,
+    file_var: &'static str,
+) -> Result<(), ConfigError> {
+    match (value.is_some(), file) {
+        (true, Some(_)) => Err(ConfigError::new(
+            file_var,
+            format!("set either {var} or {file_var}, not both"),
+        )),
+        (false, Some(path)) => {
+            *value = Some(read_secret(file_var, path)?);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Config {
-    /// Cross-field checks clap cannot express. Called once at start-up.
+    /// Resolves the `*_FILE` variables and checks the whole configuration. Called once at
+    /// start-up, before anything is bound or connected.
+    pub fn prepare(mut self) -> Result<Config, ConfigError> {
+        from_file(
+            &mut self.amqp_url,
+            &self.amqp_url_file,
+            "AMQP_URL",
+            "AMQP_URL_FILE",
+        )?;
+        from_file(
+            &mut self.jwt_secret,
+            &self.jwt_secret_file,
+            "JWT_SECRET",
+            "JWT_SECRET_FILE",
+        )?;
+        from_file(
+            &mut self.publish_api_key,
+            &self.publish_api_key_file,
+            "PUBLISH_API_KEY",
+            "PUBLISH_API_KEY_FILE",
+        )?;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Cross-field checks clap cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Derived names (`<queue>.replica.<32 hex>`) must fit AMQP's 255-byte short strings.
         if self.notify_queue.is_empty() || self.notify_queue.len() > 200 {
@@ -311,7 +399,21 @@ impl Config {
         if self.max_connections == Some(0) {
             return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));
         }
-        crate::amqp::parse_url(&self.amqp_url)?;
+        if let Some(url) = &self.amqp_url {
+            crate::amqp::parse_url(url)?;
+        }
+        if self.publish_api_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err(ConfigError::new(
+                "PUBLISH_API_KEY",
+                "must be at least 16 bytes",
+            ));
+        }
+        if self.max_publish_bytes < self.max_message_bytes {
+            return Err(ConfigError::new(
+                "MAX_PUBLISH_BYTES",
+                "must be at least MAX_MESSAGE_BYTES",
+            ));
+        }
         Ok(())
     }
 

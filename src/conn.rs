@@ -37,6 +37,10 @@ use crate::shutdown::Slot;
 
 /// Frames handed to one `writev` call.
 const MAX_IOVECS: usize = 64;
+/// Control bytes (pongs, our pings) queued before the connection stops reading until the
+/// socket takes them. Every ping read queues its pong, so without this a client flooding pings
+/// and never reading would grow `ctrl` without bound (see RELIABILITY.md).
+const MAX_CTRL_BYTES: usize = 16 * 1024;
 
 /// The socket as tungstenite sees it: reads come from the kernel, writes (control frames only)
 /// land in `ctrl` for the connection's own writer.
@@ -157,6 +161,8 @@ enum Phase {
 enum ReadEnd {
     /// Nothing more to read now; the waker is registered.
     Pending,
+    /// Stopped reading because control replies are backed up: read again once they are out.
+    Paused,
     /// The peer is gone or the close handshake completed.
     Closed,
     /// The peer broke a rule: close with this code and stop reading.
@@ -298,6 +304,10 @@ impl Conn {
                         // close is answered by tungstenite and ends the next read.
                         _ => {}
                     }
+                    let wire = self.ws.get_ref();
+                    if wire.ctrl.len() - wire.ctrl_off > MAX_CTRL_BYTES {
+                        return ReadEnd::Paused;
+                    }
                 }
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     match self.ws.get_mut().sock.poll_read_ready(cx) {
@@ -348,9 +358,11 @@ impl Future for Conn {
             Phase::Closing { .. } => this.handle.discard_queued(&mut VecDeque::new()),
         }
 
+        let mut read_paused = false;
         if this.phase != (Phase::Closing { read: false }) {
             match this.poll_read(cx) {
                 ReadEnd::Pending => {}
+                ReadEnd::Paused => read_paused = true,
                 ReadEnd::Closed => {
                     // Best effort: a close reply tungstenite queued may still fit the socket.
                     let _ = this
@@ -388,6 +400,11 @@ impl Future for Conn {
                 }
                 Poll::Ready(Ok(())) if this.phase == (Phase::Closing { read: false }) => {
                     Poll::Ready(())
+                }
+                Poll::Ready(Ok(())) if read_paused => {
+                    // The backlog is out and no read readiness is registered: read on.
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
                 _ => Poll::Pending,
             };

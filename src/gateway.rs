@@ -16,7 +16,8 @@ use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::amqp::{self, ConsumerConfig};
+use crate::amqp::{self, ConsumerConfig, Link};
+use crate::api::{PublishApi, Sink};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::conn::ws_config;
@@ -30,6 +31,7 @@ pub struct Gateway {
     config: Config,
     listener: TcpListener,
     shared: Arc<Shared>,
+    link: Arc<Link>,
 }
 
 /// Start-up failures: configuration (one line naming the variable) or the listening socket.
@@ -55,7 +57,7 @@ impl std::error::Error for StartError {}
 impl Gateway {
     /// Validates the configuration and binds the port. Must run inside a tokio runtime.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        config.validate().map_err(StartError::Config)?;
+        let config = config.prepare().map_err(StartError::Config)?;
         let auth = Authenticator::from_config(&config).map_err(StartError::Config)?;
         let addr = SocketAddr::new(config.server_host, config.server_port);
         let listener = server::bind(addr)
@@ -63,6 +65,19 @@ impl Gateway {
             .map_err(|e| StartError::Bind(addr, e))?;
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::start(config.client_queue_bytes);
+        let link = Arc::new(Link::default());
+        let publish_api = config.publish_api_key.clone().map(|key| PublishApi {
+            key,
+            max_body: config.max_publish_bytes,
+            max_message: config.max_message_bytes,
+            sink: match config.amqp_url {
+                Some(_) => Sink::Broker {
+                    link: link.clone(),
+                    queue: config.notify_queue.clone(),
+                },
+                None => Sink::Local,
+            },
+        });
         let shared = Arc::new(Shared {
             auth,
             registry,
@@ -73,11 +88,14 @@ impl Gateway {
             max_header_bytes: config.max_header_bytes,
             handshake_timeout: config.handshake_timeout(),
             accepting: AtomicBool::new(true),
+            publish_api,
+            standalone: config.amqp_url.is_none(),
         });
         Ok(Gateway {
             config,
             listener,
             shared,
+            link,
         })
     }
 
@@ -91,6 +109,7 @@ impl Gateway {
             config,
             listener,
             shared,
+            link,
         } = self;
         if shared.auth.is_insecure() {
             warn!(
@@ -110,12 +129,27 @@ impl Gateway {
                 .clone()
                 .run_keepalive(config.ping_interval(), trigger.subscribe()),
         );
-        let consumer = tokio::spawn(amqp::run(
-            ConsumerConfig::from_config(&config),
-            shared.registry.clone(),
-            shared.metrics.clone(),
-            trigger.subscribe(),
-        ));
+        let consumer = match ConsumerConfig::from_config(&config) {
+            Some(cfg) => tokio::spawn(amqp::run(
+                cfg,
+                shared.registry.clone(),
+                shared.metrics.clone(),
+                link,
+                trigger.subscribe(),
+            )),
+            None => {
+                if shared.publish_api.is_some() {
+                    info!(
+                        "standalone mode: no AMQP_URL, so no broker; notifications come in through POST /api/publish"
+                    );
+                } else {
+                    warn!(
+                        "standalone mode without PUBLISH_API_KEY: no AMQP_URL and no way to publish; set one of them"
+                    );
+                }
+                tokio::spawn(async {})
+            }
+        };
         let accept = tokio::spawn(
             Listener {
                 listener,

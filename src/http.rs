@@ -28,6 +28,9 @@ pub struct Head {
     pub ws_version: Option<String>,
     /// The credentials of `Authorization: Bearer …`.
     pub bearer: Option<String>,
+    pub content_length: Option<usize>,
+    /// `Transfer-Encoding` was given (chunked bodies are not supported: 411).
+    pub transfer_encoding: bool,
     /// Bytes the client sent after the head (handed to the WebSocket codec).
     pub rest: Vec<u8>,
 }
@@ -96,6 +99,11 @@ fn head_of(req: &httparse::Request<'_, '_>, rest: Vec<u8>) -> Head {
             head.ws_key = Some(value.to_owned());
         } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
             head.ws_version = Some(value.to_owned());
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            // An unparsable length is treated as absent (411), never as zero.
+            head.content_length = value.parse().ok();
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            head.transfer_encoding = true;
         } else if h.name.eq_ignore_ascii_case("authorization")
             && let Some((scheme, cred)) = value.split_once(' ')
             && scheme.eq_ignore_ascii_case("bearer")
@@ -172,6 +180,8 @@ pub fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
+        202 => "Accepted",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",

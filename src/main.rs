@@ -1,9 +1,10 @@
-//! `wsnotify`: parse the configuration, build the gateway, run it until SIGTERM or Ctrl-C.
+//! `wsnotify`: parse the command line, then serve (the default), publish, or check health.
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use wsnotify::cli::{self, HealthcheckArgs, PublishArgs};
 use wsnotify::config::Config;
 use wsnotify::gateway::Gateway;
 
@@ -14,11 +15,26 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "wsnotify",
     version,
-    about = "RabbitMQ → WebSocket notification gateway"
+    about = "RabbitMQ → WebSocket notification gateway",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// With no subcommand, `wsnotify` serves (existing deployments keep working).
     #[command(flatten)]
-    config: Config,
+    serve: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve(Config),
+    /// Publish notifications through RabbitMQ, waiting for the broker's confirms.
+    Publish(PublishArgs),
+    /// Exit 0 if the local gateway answers its health endpoint (for container health checks).
+    Healthcheck(HealthcheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,25 +57,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let config = match cli.command {
+        None => cli.serve,
+        Some(Command::Serve(config)) => config,
+        Some(Command::Healthcheck(args)) => return cli::healthcheck(args),
+        Some(Command::Publish(args)) => {
+            return runtime().map_or(ExitCode::FAILURE, |rt| rt.block_on(cli::publish(args)));
+        }
+    };
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("wsnotify: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
-        let gateway = match Gateway::bind(cli.config).await {
+        let gateway = match Gateway::bind(config).await {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("wsnotify: {e}");
@@ -69,6 +85,14 @@ fn main() -> ExitCode {
         gateway.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .inspect_err(|e| eprintln!("wsnotify: cannot start the runtime: {e}"))
+        .ok()
 }
 
 /// SIGTERM (orchestrators) or SIGINT (a terminal).

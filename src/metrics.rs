@@ -11,6 +11,7 @@ pub struct Metrics {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub messages_ingested: AtomicU64,
+    pub api_published: AtomicU64,
     pub duplicates_dropped: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub messages_no_recipient: AtomicU64,
@@ -104,6 +105,11 @@ impl Metrics {
             "wsnotify_bytes_sent_total",
             "Bytes of notification frames written to clients.",
             &[("", get(&self.bytes_sent))],
+        );
+        counter(
+            "wsnotify_api_published_total",
+            "Envelopes accepted through POST /api/publish.",
+            &[("", get(&self.api_published))],
         );
         counter(
             "wsnotify_ingested_total",

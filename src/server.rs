@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error, warn};
 use tungstenite::protocol::WebSocketConfig;
 
+use crate::api::{self, PublishApi};
 use crate::auth::Authenticator;
 use crate::config::HTTP_HEADROOM;
 use crate::conn::Conn;
@@ -39,12 +40,17 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     /// False once shutdown has begun.
     pub accepting: AtomicBool,
+    /// `POST /api/publish`, when a key is configured.
+    pub publish_api: Option<PublishApi>,
+    /// No broker: readiness does not wait for one.
+    pub standalone: bool,
 }
 
 impl Shared {
-    /// `/readyz`: accepting connections and consuming from the broker.
+    /// `/readyz`: accepting connections and consuming from the broker (or standalone).
     pub fn ready(&self) -> bool {
-        self.accepting.load(Ordering::Acquire) && self.metrics.broker_up.load(Ordering::Acquire)
+        self.accepting.load(Ordering::Acquire)
+            && (self.standalone || self.metrics.broker_up.load(Ordering::Acquire))
     }
 
     fn gauges(&self) -> Gauges {
@@ -149,6 +155,19 @@ async fn handshake(
         (_, "/ws") => {
             let upgraded = tokio::time::timeout(deadline, upgrade(sock, head, &shared, slot)).await;
             upgraded.ok().flatten()
+        }
+        (_, "/api/publish") => {
+            let api = shared.publish_api.as_ref();
+            api::handle(
+                &mut sock,
+                head,
+                api,
+                &shared.registry,
+                &shared.metrics,
+                deadline,
+            )
+            .await;
+            None
         }
         ("GET", "/healthz") => answer(&mut sock, Response::text(200, "ok\n")).await,
         ("GET", "/readyz") => {

@@ -288,7 +288,7 @@ async fn rolling_restart_keeps_users_of_the_other_replicas_whole() {
     let publisher = stream(broker.clone(), q.clone(), None, stop.clone(), count.clone());
     // Everything each user's connections saw, in order, connection by connection.
     let mut history: Vec<Vec<Vec<i64>>> = vec![Vec::new(); 3];
-    let mut placement = vec![0, 1, 2];
+    let mut placement = [0, 1, 2];
 
     for r in 0..3 {
         let at = count.load(Ordering::Relaxed);

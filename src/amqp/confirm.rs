@@ -13,27 +13,34 @@ use std::sync::Arc;
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::connection::Connection;
-use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldValue, Nack, Return};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
+
+/// Header naming a mandatory publish's sequence number, to match a return to its confirm.
+const SEQ_HEADER: &str = "x-wsn-publish-seq";
 
 /// Publishes whose confirm has not arrived, by sequence number.
 #[derive(Default)]
 struct Pending {
     next: u64,
     waiting: BTreeMap<u64, oneshot::Sender<bool>>,
+    /// Mandatory publishes the broker returned as unroutable; their confirm still follows.
+    returned: std::collections::HashSet<u64>,
 }
 
 impl Pending {
     fn settle(&mut self, tag: u64, multiple: bool, ok: bool) {
         if multiple {
             let rest = self.waiting.split_off(&(tag + 1));
-            for (_, tx) in std::mem::replace(&mut self.waiting, rest) {
-                let _ = tx.send(ok);
+            for (seq, tx) in std::mem::replace(&mut self.waiting, rest) {
+                let returned = self.returned.remove(&seq);
+                let _ = tx.send(ok && !returned);
             }
         } else if let Some(tx) = self.waiting.remove(&tag) {
-            let _ = tx.send(ok);
+            let returned = self.returned.remove(&tag);
+            let _ = tx.send(ok && !returned);
         }
     }
 }
@@ -41,21 +48,30 @@ impl Pending {
 /// Why a confirmed publish failed.
 #[derive(Debug)]
 pub enum PublishError {
-    /// The broker nacked the message.
+    /// The broker nacked the message, or returned it as unroutable (a mandatory publish to
+    /// a queue that does not exist).
     Nacked,
     /// The channel closed before the confirm arrived.
     Lost,
+    /// The broker could not be reached or the queue could not be declared.
+    Connect(String),
+    /// The message is not a valid envelope (the reason, as the gateway would give it).
+    Invalid(String),
     Amqp(amqprs::error::Error),
 }
 
 impl std::fmt::Display for PublishError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PublishError::Nacked => f.write_str("the broker refused the message (nack)"),
+            PublishError::Nacked => {
+                f.write_str("the broker refused the message (nack, or no queue to route it to)")
+            }
             PublishError::Lost => {
                 f.write_str("the broker link closed before the publish was confirmed")
             }
             PublishError::Amqp(e) => write!(f, "{e}"),
+            PublishError::Connect(e) => f.write_str(e),
+            PublishError::Invalid(e) => write!(f, "invalid notification: {e}"),
         }
     }
 }
@@ -88,7 +104,7 @@ impl ConfirmChannel {
         let channel = conn.open_channel(None).await?;
         let pending = Arc::new(Mutex::new(Pending {
             next: 1,
-            waiting: BTreeMap::new(),
+            ..Pending::default()
         }));
         channel
             .register_callback(ConfirmCallback {
@@ -109,10 +125,11 @@ impl ConfirmChannel {
         &self.channel
     }
 
-    /// Sends one message; the returned [`Confirm`] resolves when the broker has it.
+    /// Sends one message; the returned [`Confirm`] resolves when the broker has it. A
+    /// `mandatory` publish that the broker returns as unroutable resolves as an error.
     pub async fn publish(
         &self,
-        props: BasicProperties,
+        mut props: BasicProperties,
         body: Vec<u8>,
         args: BasicPublishArguments,
     ) -> Result<Confirm, PublishError> {
@@ -125,6 +142,15 @@ impl ConfirmChannel {
             p.waiting.insert(seq, tx);
             seq
         };
+        if args.mandatory {
+            // A returned message carries its properties back: this header says which publish
+            // it was.
+            let mut headers = props.headers().cloned().unwrap_or_default();
+            if let Ok(key) = SEQ_HEADER.try_into() {
+                headers.insert(key, FieldValue::l(i64::try_from(seq).unwrap_or(i64::MAX)));
+            }
+            props.with_headers(headers);
+        }
         if let Err(e) = self.channel.basic_publish(props, body, args).await {
             self.pending.lock().waiting.remove(&seq);
             return Err(PublishError::Amqp(e));
@@ -201,7 +227,7 @@ mod tests {
     fn multiple_settles_everything_up_to_the_tag() {
         let mut p = Pending {
             next: 1,
-            waiting: BTreeMap::new(),
+            ..Pending::default()
         };
         let mut rx = Vec::new();
         for seq in 1..=4 {

@@ -24,8 +24,10 @@ use std::collections::{HashSet, VecDeque};
 
 use amqprs::{BasicProperties, FieldArray, FieldTable, FieldValue};
 
-use crate::envelope::Target;
-use crate::frame::FrameBuilder;
+use time::OffsetDateTime;
+
+use crate::envelope::{Envelope, Target};
+use crate::frame::{self, FrameBuilder};
 
 const H_ID: &str = "x-wsn-id";
 const H_TS: &str = "x-wsn-ts";
@@ -48,7 +50,42 @@ pub struct Wire {
     pub data: Vec<u8>,
 }
 
+/// Namespace of message fingerprints (UUID v5 over the original body).
+const FINGERPRINT_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6f8a_51c2_3d0e_4b7a_9e21_5c4d_7a0b_1e93);
+
 impl Wire {
+    /// Fixes a validated envelope's id and timestamp: the one place a message gets them.
+    /// `body` is the message as published (for the fingerprint).
+    pub fn from_envelope(
+        env: Envelope<'_>,
+        body: &[u8],
+        redelivered: bool,
+        received: OffsetDateTime,
+    ) -> Wire {
+        let mut data = Vec::with_capacity(body.len());
+        frame::encode_data(env.data.as_ref(), &mut data);
+        Wire {
+            id: env
+                .id
+                .as_deref()
+                .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned),
+            timestamp: frame::timestamp(received),
+            message_type: env.message_type.into_owned(),
+            target: match env.target {
+                Target::User(u) => Target::User(u.into_owned().into()),
+                Target::Users(l) => {
+                    Target::Users(l.into_iter().map(|u| u.into_owned().into()).collect())
+                }
+                Target::Broadcast => Target::Broadcast,
+            },
+            fingerprint: uuid::Uuid::new_v5(&FINGERPRINT_NS, body)
+                .simple()
+                .to_string(),
+            redelivered,
+            data,
+        }
+    }
+
     /// Properties for the fanout publish. Transient: replica queues are not durable, and the
     /// ingest queue still holds the message until the publish is confirmed.
     pub fn properties(&self) -> BasicProperties {

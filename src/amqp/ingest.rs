@@ -35,14 +35,11 @@ use tracing::info;
 use super::confirm::{ConfirmChannel, PublishError};
 use super::fanout::Wire;
 use super::{ConsumerConfig, ERROR_HEADER, RateLimited};
-use crate::envelope::{Parser, Target};
-use crate::frame;
+use crate::envelope::Parser;
 use crate::metrics::{Metrics, inc};
 
 /// How often a standby replica asks to become the taker.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
-/// Namespace of message fingerprints (UUID v5 over the original body).
-const FINGERPRINT_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6f8a_51c2_3d0e_4b7a_9e21_5c4d_7a0b_1e93);
 
 type PendingAck = Pin<Box<dyn Future<Output = (Result<(), PublishError>, u64, Outcome)> + Send>>;
 
@@ -204,28 +201,7 @@ async fn republish(
     let delivery_tag = deliver.delivery_tag();
     let (confirm, outcome) = match parser.parse(&body, cfg.max_message_bytes) {
         Ok(env) => {
-            let mut data = Vec::with_capacity(body.len());
-            frame::encode_data(env.data.as_ref(), &mut data);
-            let wire = Wire {
-                id: env
-                    .id
-                    .as_deref()
-                    .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned),
-                timestamp: frame::timestamp(received),
-                message_type: env.message_type.into_owned(),
-                target: match env.target {
-                    Target::User(u) => Target::User(u.into_owned().into()),
-                    Target::Users(l) => {
-                        Target::Users(l.into_iter().map(|u| u.into_owned().into()).collect())
-                    }
-                    Target::Broadcast => Target::Broadcast,
-                },
-                fingerprint: uuid::Uuid::new_v5(&FINGERPRINT_NS, &body)
-                    .simple()
-                    .to_string(),
-                redelivered: deliver.redelivered(),
-                data,
-            };
+            let wire = Wire::from_envelope(env, &body, deliver.redelivered(), received);
             let props = wire.properties();
             let confirm = publisher
                 .publish(

@@ -1,0 +1,167 @@
+//! Publishing from Rust backends: the seed's `PublishWebSocketNotification` /
+//! `PublishWebSocketBroadcast`, with the contract's envelope built for you.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wsnotify::amqp::confirm::PublishError> {
+//! use wsnotify::publisher::Publisher;
+//! let p = Publisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "websocket_notifications").await?;
+//! p.notify_user("3f0c", "welcome", &serde_json::json!({"message": "Welcome!"})).await?;
+//! p.broadcast("announcement", &serde_json::json!({"message": "Maintenance tonight"})).await?;
+//! p.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Every message is validated with the gateway's own parser before it leaves (an invalid one
+//! is an error here, not a dead letter later), published persistent and mandatory, and
+//! confirmed by the broker: a nack or an unroutable return is an error to the caller. The
+//! `notify_*` methods wait for their confirm; [`Publisher::send`] does not, so a batch can be
+//! pipelined and its confirms awaited together.
+
+use amqprs::BasicProperties;
+use amqprs::channel::BasicPublishArguments;
+use amqprs::connection::Connection;
+use serde::Serialize;
+
+use crate::amqp::confirm::{Confirm, ConfirmChannel, PublishError};
+use crate::amqp::{declare_queue, parse_url};
+use crate::envelope::{ENVELOPE_TYPE, Parser};
+
+/// Whom a notification is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Recipients<'a> {
+    User(&'a str),
+    Users(&'a [&'a str]),
+    Broadcast,
+}
+
+/// Builds the contract's task envelope.
+pub fn envelope<T: Serialize + ?Sized>(
+    to: Recipients<'_>,
+    message_type: &str,
+    data: &T,
+    id: Option<&str>,
+) -> Result<Vec<u8>, PublishError> {
+    let mut payload = serde_json::Map::new();
+    match to {
+        Recipients::User(u) => payload.insert("user_id".into(), u.into()),
+        Recipients::Users(list) => payload.insert("user_ids".into(), list.into()),
+        Recipients::Broadcast => payload.insert("broadcast".into(), true.into()),
+    };
+    payload.insert("message_type".into(), message_type.into());
+    let data =
+        serde_json::to_value(data).map_err(|e| PublishError::Invalid(format!("data: {e}")))?;
+    payload.insert("data".into(), data);
+    if let Some(id) = id {
+        payload.insert("id".into(), id.into());
+    }
+    let env = serde_json::json!({ "type": ENVELOPE_TYPE, "payload": payload });
+    serde_json::to_vec(&env).map_err(|e| PublishError::Invalid(e.to_string()))
+}
+
+/// A confirmed publisher to the notify queue.
+pub struct Publisher {
+    conn: Connection,
+    channel: ConfirmChannel,
+    queue: String,
+    parser: parking_lot::Mutex<Parser>,
+    max_message_bytes: usize,
+}
+
+impl Publisher {
+    /// Connects, makes sure the notify queue exists (plain and durable, as the gateway expects
+    /// it), and opens a confirm channel.
+    pub async fn connect(amqp_url: &str, queue: &str) -> Result<Publisher, PublishError> {
+        let args = parse_url(amqp_url).map_err(|e| PublishError::Connect(e.to_string()))?;
+        let conn = Connection::open(&args)
+            .await
+            .map_err(|e| PublishError::Connect(format!("cannot reach RabbitMQ: {e}")))?;
+        declare_queue(&conn, queue)
+            .await
+            .map_err(PublishError::Connect)?;
+        let channel = ConfirmChannel::open(&conn)
+            .await
+            .map_err(PublishError::Amqp)?;
+        Ok(Publisher {
+            conn,
+            channel,
+            queue: queue.to_owned(),
+            parser: parking_lot::Mutex::new(Parser::new()),
+            max_message_bytes: 65_536,
+        })
+    }
+
+    /// Refuse envelopes over `bytes` before sending (the gateway's `MAX_MESSAGE_BYTES`).
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// One user (every connection of theirs); waits for the broker's confirm.
+    pub async fn notify_user<T: Serialize + ?Sized>(
+        &self,
+        user_id: &str,
+        message_type: &str,
+        data: &T,
+    ) -> Result<(), PublishError> {
+        self.send(envelope(
+            Recipients::User(user_id),
+            message_type,
+            data,
+            None,
+        )?)
+        .await?
+        .wait()
+        .await
+    }
+
+    /// Several users; waits for the broker's confirm.
+    pub async fn notify_users<T: Serialize + ?Sized>(
+        &self,
+        user_ids: &[&str],
+        message_type: &str,
+        data: &T,
+    ) -> Result<(), PublishError> {
+        self.send(envelope(
+            Recipients::Users(user_ids),
+            message_type,
+            data,
+            None,
+        )?)
+        .await?
+        .wait()
+        .await
+    }
+
+    /// Every connected user; waits for the broker's confirm.
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        message_type: &str,
+        data: &T,
+    ) -> Result<(), PublishError> {
+        self.send(envelope(Recipients::Broadcast, message_type, data, None)?)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Validates and sends a complete envelope without waiting: await the returned
+    /// [`Confirm`] (possibly after sending more) to know the broker has it.
+    pub async fn send(&self, envelope: Vec<u8>) -> Result<Confirm, PublishError> {
+        self.parser
+            .lock()
+            .parse(&envelope, self.max_message_bytes)
+            .map_err(|e| PublishError::Invalid(e.0))?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json")
+            .with_persistence(true)
+            .finish();
+        let mut args = BasicPublishArguments::new("", &self.queue);
+        args.mandatory(true);
+        self.channel.publish(props, envelope, args).await
+    }
+
+    pub async fn close(self) {
+        self.channel.close().await;
+        let _ = self.conn.close().await;
+    }
+}
