@@ -60,3 +60,11 @@ ensure_chromium() {
 ensure_node() {
   command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 }
+
+# pika, for the README's Python publishing snippet (run by tests/publish.rs).
+ensure_pika() {
+  python3 -c 'import pika' 2>/dev/null && return 0
+  command -v python3 >/dev/null 2>&1 || apt_install python3 python3-pip
+  log "pip install pika"
+  python3 -m pip install -q pika 2>/dev/null || python3 -m pip install -q --break-system-packages pika
+}

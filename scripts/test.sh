@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 ensure_cargo || exit 1
 ensure_rabbitmq || exit 1
+ensure_pika || exit 1
 
 passed=0; failed=0; status=0
 out=$(mktemp); trap 'rm -f "$out"' EXIT

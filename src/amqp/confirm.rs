@@ -25,22 +25,36 @@ const SEQ_HEADER: &str = "x-wsn-publish-seq";
 #[derive(Default)]
 struct Pending {
     next: u64,
-    waiting: BTreeMap<u64, oneshot::Sender<bool>>,
+    waiting: BTreeMap<u64, oneshot::Sender<Settled>>,
     /// Mandatory publishes the broker returned as unroutable; their confirm still follows.
     returned: std::collections::HashSet<u64>,
 }
 
+/// How the broker settled one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Acked,
+    Nacked,
+    Returned,
+}
+
 impl Pending {
+    fn outcome(&mut self, seq: u64, ok: bool) -> Settled {
+        match (self.returned.remove(&seq), ok) {
+            (true, _) => Settled::Returned,
+            (false, true) => Settled::Acked,
+            (false, false) => Settled::Nacked,
+        }
+    }
+
     fn settle(&mut self, tag: u64, multiple: bool, ok: bool) {
         if multiple {
             let rest = self.waiting.split_off(&(tag + 1));
             for (seq, tx) in std::mem::replace(&mut self.waiting, rest) {
-                let returned = self.returned.remove(&seq);
-                let _ = tx.send(ok && !returned);
+                let _ = tx.send(self.outcome(seq, ok));
             }
         } else if let Some(tx) = self.waiting.remove(&tag) {
-            let returned = self.returned.remove(&tag);
-            let _ = tx.send(ok && !returned);
+            let _ = tx.send(self.outcome(tag, ok));
         }
     }
 }
@@ -48,9 +62,10 @@ impl Pending {
 /// Why a confirmed publish failed.
 #[derive(Debug)]
 pub enum PublishError {
-    /// The broker nacked the message, or returned it as unroutable (a mandatory publish to
-    /// a queue that does not exist).
+    /// The broker nacked the message.
     Nacked,
+    /// The broker returned a mandatory message as unroutable (no such queue).
+    Unroutable,
     /// The channel closed before the confirm arrived.
     Lost,
     /// The broker could not be reached or the queue could not be declared.
@@ -63,8 +78,9 @@ pub enum PublishError {
 impl std::fmt::Display for PublishError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PublishError::Nacked => {
-                f.write_str("the broker refused the message (nack, or no queue to route it to)")
+            PublishError::Nacked => f.write_str("the broker refused the message (nack)"),
+            PublishError::Unroutable => {
+                f.write_str("the broker has no queue to route the message to")
             }
             PublishError::Lost => {
                 f.write_str("the broker link closed before the publish was confirmed")
@@ -79,13 +95,14 @@ impl std::fmt::Display for PublishError {
 impl std::error::Error for PublishError {}
 
 /// A confirm awaited separately from the publish.
-pub struct Confirm(oneshot::Receiver<bool>);
+pub struct Confirm(oneshot::Receiver<Settled>);
 
 impl Confirm {
     pub async fn wait(self) -> Result<(), PublishError> {
         match self.0.await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(PublishError::Nacked),
+            Ok(Settled::Acked) => Ok(()),
+            Ok(Settled::Nacked) => Err(PublishError::Nacked),
+            Ok(Settled::Returned) => Err(PublishError::Unroutable),
             Err(_) => Err(PublishError::Lost),
         }
     }
@@ -212,10 +229,17 @@ impl ChannelCallback for ConfirmCallback {
         &mut self,
         _channel: &Channel,
         ret: Return,
-        _props: BasicProperties,
+        props: BasicProperties,
         _body: Vec<u8>,
     ) {
         tracing::warn!(%ret, "a published message was returned as unroutable");
+        let seq = SEQ_HEADER
+            .try_into()
+            .ok()
+            .and_then(|k| props.headers().and_then(|h| h.get(&k).cloned()));
+        if let Some(FieldValue::l(seq)) = seq {
+            self.pending.lock().returned.insert(seq as u64);
+        }
     }
 }
 
@@ -238,9 +262,9 @@ mod tests {
         p.settle(3, true, true);
         assert_eq!(p.waiting.keys().copied().collect::<Vec<_>>(), vec![4]);
         for r in rx.iter_mut().take(3) {
-            assert_eq!(r.try_recv(), Ok(true));
+            assert_eq!(r.try_recv(), Ok(Settled::Acked));
         }
         p.settle(4, false, false);
-        assert_eq!(rx[3].try_recv(), Ok(false));
+        assert_eq!(rx[3].try_recv(), Ok(Settled::Nacked));
     }
 }

@@ -65,11 +65,17 @@ impl Gateway {
 
     /// Starts the gateway and waits only until it listens.
     pub async fn spawn(queue: &str, env: &[(&str, &str)]) -> Gateway {
+        let mut with_broker = vec![("AMQP_URL", AMQP_URL)];
+        with_broker.extend_from_slice(env);
+        Self::spawn_without_broker(queue, &with_broker).await
+    }
+
+    /// Starts the gateway with no `AMQP_URL` unless `env` gives one (standalone mode).
+    pub async fn spawn_without_broker(queue: &str, env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsnotify"));
         cmd.env_clear()
             .env("SERVER_HOST", "127.0.0.1")
             .env("SERVER_PORT", "0")
-            .env("AMQP_URL", AMQP_URL)
             .env("NOTIFY_QUEUE", queue)
             .env("AUTH_MODE", "insecure")
             .env("RUST_LOG", "info")
