@@ -287,6 +287,12 @@ impl Conn {
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> ReadEnd {
         loop {
+            // Every ping read queues a pong: while they are backed up, leave the peer's frames
+            // in the kernel (TCP backpressure) and do not count it as alive.
+            let wire = self.ws.get_ref();
+            if wire.ctrl.len() - wire.ctrl_off > MAX_CTRL_BYTES {
+                return ReadEnd::Paused;
+            }
             match self.ws.read() {
                 Ok(msg) => {
                     if !matches!(self.phase, Phase::Closing { .. }) {
@@ -303,10 +309,6 @@ impl Conn {
                         // Pongs only prove liveness; pings are answered by tungstenite; a
                         // close is answered by tungstenite and ends the next read.
                         _ => {}
-                    }
-                    let wire = self.ws.get_ref();
-                    if wire.ctrl.len() - wire.ctrl_off > MAX_CTRL_BYTES {
-                        return ReadEnd::Paused;
                     }
                 }
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
