@@ -110,8 +110,10 @@ pub async fn publish(args: PublishArgs) -> ExitCode {
         Err(e) => return fail(e.to_string()),
     };
     let mut confirmed = 0usize;
+    let mut sent = 0usize;
     let mut window: std::collections::VecDeque<Confirm> = std::collections::VecDeque::new();
     for (line, m) in messages.into_iter().enumerate() {
+        sent += 1;
         match publisher.send(m).await {
             Ok(c) if args.no_wait => drop(c),
             Ok(c) => window.push_back(c),
@@ -126,7 +128,6 @@ pub async fn publish(args: PublishArgs) -> ExitCode {
             confirmed += 1;
         }
     }
-    let sent = confirmed + window.len();
     for c in window {
         if let Err(e) = c.wait().await {
             return fail(format!("after {confirmed} confirmed: {e}"));
