@@ -1,0 +1,22 @@
+//! `loadtest`: measures a WebSocket notification gateway — wsnotify, or any server that speaks
+//! its contract — the way its users load it: many mostly idle connections, notifications
+//! published through RabbitMQ, and broadcasts fanned out to everyone.
+//!
+//! * [`client`]: a pool of lean client connections that timestamps every frame;
+//! * [`worker`]: client worker processes (several source addresses, past one process's
+//!   open-file limit) and the protocol that drives them;
+//! * [`publish`]: backend-style publishing with send times in `data`;
+//! * [`suite`]: the scenarios and their figures; [`report`]: tables;
+//! * [`baseline`]: the naive tokio-tungstenite server every figure is compared with;
+//! * [`server`]: starting either server for `loadtest compare`;
+//! * [`procstat`], [`prom`]: the server's RSS and CPU from `/proc`, its `/metrics`.
+
+pub mod baseline;
+pub mod client;
+pub mod procstat;
+pub mod prom;
+pub mod publish;
+pub mod report;
+pub mod server;
+pub mod suite;
+pub mod worker;

@@ -1,0 +1,367 @@
+//! `loadtest`: see the crate documentation and BENCHMARKS.md for what each figure means and
+//! how to reproduce it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use loadtest::baseline::{self, BaselineArgs, BaselineAuth};
+use loadtest::client::Auth;
+use loadtest::publish::Publisher;
+use loadtest::report;
+use loadtest::server::{Kind, Server};
+use loadtest::suite::{Phases, Suite, SuiteConfig, SuiteResult};
+use loadtest::worker::{self, WorkerArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "loadtest",
+    about = "Load generator for wsnotify and servers speaking its contract"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the suite against a server that is already running.
+    Run {
+        /// WebSocket URL of the server (its /metrics is read from the same address).
+        #[arg(long, default_value = "ws://127.0.0.1:8081/ws")]
+        url: String,
+        /// The server's process id, for RSS and CPU from /proc.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Queue the server consumes.
+        #[arg(long, default_value = "websocket_notifications")]
+        queue: String,
+        #[command(flatten)]
+        opts: SuiteOpts,
+    },
+    /// Start wsnotify and the naive baseline in turn (interleaved, `--repeat` times each) on
+    /// fresh queues and ports, run the same suite against each, and print both with ratios.
+    Compare {
+        /// The wsnotify binary.
+        #[arg(long, default_value = "target/release/wsnotify")]
+        wsnotify: PathBuf,
+        /// Runs per server.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Only this server (`wsnotify` or `baseline`).
+        #[arg(long)]
+        only: Option<String>,
+        /// Extra environment for wsnotify, `KEY=VALUE` (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        #[command(flatten)]
+        opts: SuiteOpts,
+    },
+    /// The naive baseline server: tokio-tungstenite defaults, split + one mpsc per connection.
+    Baseline {
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        addr: SocketAddr,
+        #[arg(long, default_value = "websocket_notifications")]
+        queue: String,
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        /// Verify HS256 `?token=` with this secret instead of trusting `?user_id=`.
+        #[arg(long)]
+        jwt_secret: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        prefetch: u16,
+    },
+    /// A client worker process (started by `run` and `compare`).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        src: Option<IpAddr>,
+        #[arg(long)]
+        user_prefix: String,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        jwt_secret: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 600)]
+        deadline_secs: u64,
+    },
+}
+
+#[derive(Args, Clone)]
+struct SuiteOpts {
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// Connections to open.
+    #[arg(short = 'n', long, default_value_t = 19_000)]
+    connections: usize,
+    /// Client worker processes (each binds its own source address).
+    #[arg(long, default_value_t = 4)]
+    procs: usize,
+    /// Source address of the first worker; worker i uses this + i.
+    #[arg(long, default_value = "127.0.0.2")]
+    src_base: Ipv4Addr,
+    /// Sign HS256 tokens with this secret (`?token=`) instead of `?user_id=`.
+    #[arg(long)]
+    jwt_secret: Option<String>,
+    /// Handshakes in flight per worker.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Comma-separated: idle (always), fanout, sustained, unicast, disconnect, all.
+    #[arg(long, default_value = "all")]
+    scenarios: String,
+    /// Back-to-back broadcasts in the fan-out burst.
+    #[arg(long, default_value_t = 100)]
+    broadcasts: usize,
+    /// Approximate size of each frame's JSON.
+    #[arg(long, default_value_t = 200)]
+    frame_bytes: usize,
+    #[arg(long, default_value_t = 50.0)]
+    sustained_rate: f64,
+    #[arg(long, default_value_t = 20.0)]
+    sustained_secs: f64,
+    #[arg(long, default_value_t = 10_000.0)]
+    unicast_rate: f64,
+    #[arg(long, default_value_t = 10.0)]
+    unicast_secs: f64,
+    /// Pause before reading RSS after connecting and after the burst.
+    #[arg(long, default_value_t = 3.0)]
+    settle_secs: f64,
+    /// Pause after every client disconnected before reading RSS.
+    #[arg(long, default_value_t = 10.0)]
+    disconnect_wait_secs: f64,
+    /// Publish persistent messages (delivery mode 2).
+    #[arg(long)]
+    persistent: bool,
+    /// Print the results as JSON on stdout (tables go to stderr).
+    #[arg(long)]
+    json: bool,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl SuiteOpts {
+    fn auth(&self) -> Auth {
+        match &self.jwt_secret {
+            Some(secret) => Auth::Jwt {
+                secret: secret.clone(),
+            },
+            None => Auth::Insecure,
+        }
+    }
+
+    fn config(
+        &self,
+        url: String,
+        queue: String,
+        pid: Option<u32>,
+        label: &str,
+    ) -> Result<SuiteConfig, String> {
+        Ok(SuiteConfig {
+            url,
+            amqp_url: self.amqp_url.clone(),
+            queue,
+            pid,
+            connections: self.connections,
+            procs: self.procs,
+            src_base: self.src_base,
+            auth: self.auth(),
+            concurrency: self.concurrency,
+            phases: Phases::parse(&self.scenarios)?,
+            broadcasts: self.broadcasts,
+            frame_bytes: self.frame_bytes,
+            sustained_rate: self.sustained_rate,
+            sustained_secs: self.sustained_secs,
+            unicast_rate: self.unicast_rate,
+            unicast_secs: self.unicast_secs,
+            settle: Duration::from_secs_f64(self.settle_secs),
+            disconnect_wait: Duration::from_secs_f64(self.disconnect_wait_secs),
+            persistent: self.persistent,
+            exe: std::env::current_exe().map_err(|e| format!("own path: {e}"))?,
+            label: label.to_owned(),
+            progress: !self.quiet,
+        })
+    }
+}
+
+fn runtime_current() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Worker {
+            url,
+            src,
+            user_prefix,
+            first,
+            count,
+            jwt_secret,
+            concurrency,
+            deadline_secs,
+        } => runtime_current().block_on(worker::serve(WorkerArgs {
+            url,
+            src,
+            users: worker::user_ids(&user_prefix, first, count),
+            auth: match jwt_secret {
+                Some(secret) => Auth::Jwt { secret },
+                None => Auth::Insecure,
+            },
+            concurrency,
+            deadline: Duration::from_secs(deadline_secs),
+        })),
+        Cmd::Baseline {
+            addr,
+            queue,
+            amqp_url,
+            jwt_secret,
+            prefetch,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(baseline::serve(BaselineArgs {
+                addr,
+                amqp_url,
+                queue,
+                auth: match jwt_secret {
+                    Some(s) => BaselineAuth::Jwt(s),
+                    None => BaselineAuth::Insecure,
+                },
+                prefetch,
+            })),
+        Cmd::Run {
+            url,
+            pid,
+            queue,
+            opts,
+        } => runtime_current().block_on(run(url, pid, queue, opts)),
+        Cmd::Compare {
+            wsnotify,
+            repeat,
+            only,
+            env,
+            opts,
+        } => runtime_current().block_on(compare(wsnotify, repeat, only, env, opts)),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("results serialize")
+    );
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+async fn run(url: String, pid: Option<u32>, queue: String, opts: SuiteOpts) -> Result<(), String> {
+    let cfg = opts.config(url, queue, pid, "server")?;
+    let r = Suite::run(cfg).await?;
+    let table = report::table(&r);
+    if opts.json {
+        eprintln!("{table}");
+        print_json(&serde_json::json!({ "commit": commit(), "result": r }));
+    } else {
+        println!("{table}");
+    }
+    Ok(())
+}
+
+async fn compare(
+    wsnotify: PathBuf,
+    repeat: usize,
+    only: Option<String>,
+    env: Vec<String>,
+    opts: SuiteOpts,
+) -> Result<(), String> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("--env {kv}: expected KEY=VALUE"))
+        })
+        .collect::<Result<_, _>>()?;
+    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    let kinds = [Kind::Wsnotify(wsnotify), Kind::Baseline(exe)];
+    let kinds: Vec<&Kind> = kinds
+        .iter()
+        .filter(|k| only.as_deref().is_none_or(|o| o == k.label()))
+        .collect();
+    let mut ours: Vec<SuiteResult> = Vec::new();
+    let mut base: Vec<SuiteResult> = Vec::new();
+    for round in 0..repeat.max(1) {
+        // Alternate the order so neither server always runs first.
+        let mut order = kinds.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for kind in order {
+            let queue = format!(
+                "loadtest_{}",
+                &uuid::Uuid::now_v7().simple().to_string()[20..]
+            );
+            let admin = Publisher::connect(&opts.amqp_url, &queue, 0).await?;
+            admin.declare().await?;
+            let result = async {
+                let server =
+                    Server::start(kind, &queue, &opts.amqp_url, &opts.auth(), &env).await?;
+                let url = format!("ws://{}/ws", server.addr);
+                let label = format!("{} #{}", kind.label(), round + 1);
+                let cfg = opts.config(url, queue.clone(), Some(server.pid), &label)?;
+                let r = Suite::run(cfg).await;
+                server.stop().await;
+                r
+            }
+            .await;
+            admin.delete().await;
+            admin.close().await;
+            let r = result?;
+            eprintln!("{}", report::table(&r));
+            match kind {
+                Kind::Wsnotify(_) => ours.push(r),
+                Kind::Baseline(_) => base.push(r),
+            }
+        }
+    }
+    let cmp = report::comparison(&ours, &base);
+    if opts.json {
+        eprintln!("{cmp}");
+        print_json(&serde_json::json!({
+            "commit": commit(),
+            "wsnotify": ours,
+            "baseline": base,
+        }));
+    } else {
+        println!("{cmp}");
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Reading one histogram out of a Prometheus text exposition (`GET /metrics`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Cumulative bucket counts of one histogram: `(le, count)`, `le` in the metric's unit,
+/// ascending, `+Inf` last.
+pub type Buckets = Vec<(f64, u64)>;
+
+/// `GET path` over plain HTTP/1.1; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let work = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.ok()?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The buckets of histogram `name` (series `name_bucket{le="…"}`), if the text has it.
+pub fn histogram(text: &str, name: &str) -> Option<Buckets> {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: Buckets = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.rsplit(' ').next()?.trim().parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    if out.is_empty() {
+        return None;
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some(out)
+}
+
+/// `after - before`, bucket by bucket.
+pub fn delta(before: &Buckets, after: &Buckets) -> Buckets {
+    after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|(l, _)| *l == le).map_or(0, |&(_, c)| c);
+            (le, n.saturating_sub(was))
+        })
+        .collect()
+}
+
+/// Upper bound of the bucket holding quantile `q`, and the sample count.
+pub fn quantile(b: &Buckets, q: f64) -> Option<(f64, u64)> {
+    let total = b.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    b.iter()
+        .find(|(_, c)| *c >= want)
+        .map(|&(le, _)| (le, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_takes_quantiles() {
+        let text = "# TYPE x histogram\nx_bucket{le=\"0.00001\"} 5\nx_bucket{le=\"0.0001\"} 99\nx_bucket{le=\"+Inf\"} 100\nx_sum 1\nx_count 100\n";
+        let h = histogram(text, "x").unwrap();
+        assert_eq!(h.len(), 3);
+        assert_eq!(quantile(&h, 0.5), Some((0.0001, 100)));
+        assert_eq!(quantile(&h, 0.999).unwrap().0, f64::INFINITY);
+        let d = delta(&vec![(0.00001, 5), (0.0001, 9), (f64::INFINITY, 10)], &h);
+        assert_eq!(d, vec![(0.00001, 0), (0.0001, 90), (f64::INFINITY, 90)]);
+        assert!(histogram(text, "y").is_none());
+    }
+}

@@ -1,0 +1,152 @@
+//! Publishing notifications through RabbitMQ the way a backend does: task envelopes on the
+//! notify queue via the default exchange, each carrying its send time (`"t"`, unix µs) and a
+//! sequence number (`"s"`) in `data`, padded so the frame the gateway writes is about
+//! `frame_bytes` long.
+
+use amqprs::BasicProperties;
+use amqprs::channel::{
+    BasicPublishArguments, Channel, QueueDeclareArguments, QueueDeleteArguments,
+    QueuePurgeArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+
+use crate::client::now_us;
+
+/// Bytes of a wsnotify broadcast frame besides the padding: the fixed members (`id` UUID,
+/// `type` "lt", `timestamp`), `data`'s keys, a 16-digit `t` and a short `s`.
+const FRAME_OVERHEAD: usize = 104 + 34 + 4;
+
+pub struct Publisher {
+    conn: Connection,
+    ch: Channel,
+    queue: String,
+    pad: String,
+    persistent: bool,
+    seq: u64,
+}
+
+/// `amqp://user:pass@host:port/vhost` (vhost percent-encoded, `%2f` for `/`).
+pub fn parse_amqp_url(url: &str) -> Result<OpenConnectionArguments, String> {
+    let rest = url
+        .strip_prefix("amqp://")
+        .ok_or_else(|| format!("{url}: expected amqp://user:pass@host:port/vhost"))?;
+    let rest = rest.split('?').next().unwrap_or(rest);
+    let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hostport) = authority
+        .rsplit_once('@')
+        .unwrap_or(("guest:guest", authority));
+    let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>().map_err(|e| format!("{url}: port: {e}"))?,
+        ),
+        None => (hostport, 5672),
+    };
+    let vhost = match vhost {
+        "" => "/".to_owned(),
+        v => v.replace("%2f", "/").replace("%2F", "/"),
+    };
+    let mut args = OpenConnectionArguments::new(host, port, user, pass);
+    args.virtual_host(&vhost);
+    Ok(args)
+}
+
+impl Publisher {
+    pub async fn connect(url: &str, queue: &str, frame_bytes: usize) -> Result<Publisher, String> {
+        let args = parse_amqp_url(url)?;
+        let conn = Connection::open(&args)
+            .await
+            .map_err(|e| format!("RabbitMQ at {url}: {e}"))?;
+        let ch = conn
+            .open_channel(None)
+            .await
+            .map_err(|e| format!("open channel: {e}"))?;
+        Ok(Publisher {
+            conn,
+            ch,
+            queue: queue.to_owned(),
+            pad: "x".repeat(frame_bytes.saturating_sub(FRAME_OVERHEAD)),
+            persistent: false,
+            seq: 0,
+        })
+    }
+
+    /// Publish with delivery mode 2 (persistent) instead of 1.
+    pub fn persistent(&mut self, on: bool) {
+        self.persistent = on;
+    }
+
+    /// Declares the queue as a backend would: durable, no arguments.
+    pub async fn declare(&self) -> Result<(), String> {
+        self.ch
+            .queue_declare(QueueDeclareArguments::durable_client_named(&self.queue))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("declare {}: {e}", self.queue))
+    }
+
+    /// Drops whatever a previous run left in the queue.
+    pub async fn purge(&self) -> Result<(), String> {
+        self.ch
+            .queue_purge(QueuePurgeArguments::new(&self.queue))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("purge {}: {e}", self.queue))
+    }
+
+    /// Deletes the queue and its `.dead` companion.
+    pub async fn delete(&self) {
+        for q in [self.queue.clone(), format!("{}.dead", self.queue)] {
+            let _ = self.ch.queue_delete(QueueDeleteArguments::new(&q)).await;
+        }
+    }
+
+    fn data(&mut self) -> String {
+        self.seq += 1;
+        format!(
+            r#"{{"t":{},"s":{},"p":"{}"}}"#,
+            now_us(),
+            self.seq,
+            self.pad
+        )
+    }
+
+    async fn send(&self, body: String) -> Result<(), String> {
+        let mut props = BasicProperties::default();
+        props
+            .with_content_type("application/json")
+            .with_delivery_mode(if self.persistent { 2 } else { 1 });
+        self.ch
+            .basic_publish(
+                props,
+                body.into_bytes(),
+                BasicPublishArguments::new("", &self.queue),
+            )
+            .await
+            .map_err(|e| format!("publish: {e}"))
+    }
+
+    /// One broadcast notification.
+    pub async fn broadcast(&mut self) -> Result<(), String> {
+        let data = self.data();
+        let body = format!(
+            r#"{{"type":"websocket_notification","payload":{{"broadcast":true,"message_type":"lt","data":{data}}}}}"#
+        );
+        self.send(body).await
+    }
+
+    /// One notification for `user`.
+    pub async fn to_user(&mut self, user: &str) -> Result<(), String> {
+        let data = self.data();
+        let body = format!(
+            r#"{{"type":"websocket_notification","payload":{{"user_id":"{user}","message_type":"lt","data":{data}}}}}"#
+        );
+        self.send(body).await
+    }
+
+    pub async fn close(self) {
+        let _ = self.ch.close().await;
+        let _ = self.conn.close().await;
+    }
+}

@@ -1,0 +1,290 @@
+//! The final tables: one suite's figures against the targets, and wsnotify against the
+//! baseline (medians over repeated, interleaved runs) with their ratio.
+
+use std::fmt::Write as _;
+
+use crate::suite::SuiteResult;
+
+/// Whether a bigger or a smaller value is better.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Better {
+    Higher,
+    Lower,
+    Info,
+}
+
+struct Figure {
+    name: &'static str,
+    unit: &'static str,
+    target: Option<f64>,
+    better: Better,
+    get: fn(&SuiteResult) -> Option<f64>,
+}
+
+fn figures() -> Vec<Figure> {
+    use Better::*;
+    vec![
+        Figure {
+            name: "connections open",
+            unit: "",
+            target: None,
+            better: Info,
+            get: |r| Some(r.connected as f64),
+        },
+        Figure {
+            name: "idle RSS per connection",
+            unit: "B",
+            target: Some(2048.0),
+            better: Lower,
+            get: |r| r.idle_bytes_per_conn,
+        },
+        Figure {
+            name: "RSS kept per conn after 100-frame burst",
+            unit: "B",
+            target: Some(1024.0),
+            better: Lower,
+            get: |r| r.burst_kept_bytes_per_conn,
+        },
+        Figure {
+            name: "RSS 10 s after all disconnect − start",
+            unit: "MB",
+            target: Some(32.0),
+            better: Lower,
+            get: |r| r.rss_after_disconnect_over_start.map(|b| b as f64 / 1e6),
+        },
+        Figure {
+            name: "fan-out delivered",
+            unit: "frames/s",
+            target: Some(1_500_000.0),
+            better: Higher,
+            get: |r| r.fanout.as_ref().map(|d| d.frames_per_sec),
+        },
+        Figure {
+            name: "fan-out complete",
+            unit: "%",
+            target: Some(100.0),
+            better: Higher,
+            get: |r| r.fanout.as_ref().map(|d| d.complete_pct),
+        },
+        Figure {
+            name: "fan-out p99 publish→receive",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| r.fanout.as_ref().map(|d| d.latency.p99_us as f64 / 1e3),
+        },
+        Figure {
+            name: "fan-out server CPU per M frames",
+            unit: "s",
+            target: None,
+            better: Lower,
+            get: |r| r.fanout.as_ref().and_then(|d| d.server_cpu_per_mframes),
+        },
+        Figure {
+            name: "sustained broadcasts p99",
+            unit: "ms",
+            target: Some(50.0),
+            better: Lower,
+            get: |r| r.sustained.as_ref().map(|d| d.latency.p99_us as f64 / 1e3),
+        },
+        Figure {
+            name: "sustained broadcasts p50",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| r.sustained.as_ref().map(|d| d.latency.p50_us as f64 / 1e3),
+        },
+        Figure {
+            name: "sustained complete",
+            unit: "%",
+            target: Some(100.0),
+            better: Higher,
+            get: |r| r.sustained.as_ref().map(|d| d.complete_pct),
+        },
+        Figure {
+            name: "sustained server CPU per M frames",
+            unit: "s",
+            target: None,
+            better: Lower,
+            get: |r| r.sustained.as_ref().and_then(|d| d.server_cpu_per_mframes),
+        },
+        Figure {
+            name: "unicast p99 publish→receive",
+            unit: "ms",
+            target: Some(5.0),
+            better: Lower,
+            get: |r| r.unicast.as_ref().map(|d| d.latency.p99_us as f64 / 1e3),
+        },
+        Figure {
+            name: "unicast p50 publish→receive",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| r.unicast.as_ref().map(|d| d.latency.p50_us as f64 / 1e3),
+        },
+        Figure {
+            name: "unicast complete",
+            unit: "%",
+            target: Some(100.0),
+            better: Higher,
+            get: |r| r.unicast.as_ref().map(|d| d.complete_pct),
+        },
+        Figure {
+            name: "unicast gateway share p99 (metrics)",
+            unit: "µs",
+            target: Some(100.0),
+            better: Lower,
+            get: |r| r.unicast.as_ref().and_then(|d| d.gateway_p99_us),
+        },
+        Figure {
+            name: "handshakes",
+            unit: "/s",
+            target: Some(20_000.0),
+            better: Higher,
+            get: |r| Some(r.handshakes_per_sec),
+        },
+        Figure {
+            name: "handshake p99",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| Some(r.handshake_latency.p99_us as f64 / 1e3),
+        },
+    ]
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.is_infinite() {
+        return "∞".into();
+    }
+    let a = v.abs();
+    if a >= 100_000.0 {
+        // Thousands separators for big counts.
+        let s = format!("{:.0}", v);
+        let (sign, digits) = s.split_at(if v < 0.0 { 1 } else { 0 });
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn meets(f: &Figure, v: f64) -> &'static str {
+    match (f.target, f.better) {
+        (Some(t), Better::Higher) if v >= t => "yes",
+        (Some(t), Better::Lower) if v <= t => "yes",
+        (Some(_), _) => "NO",
+        _ => "",
+    }
+}
+
+fn target_text(f: &Figure) -> String {
+    match (f.target, f.better) {
+        (Some(t), Better::Higher) => format!("≥ {}", fmt_num(t)),
+        (Some(t), Better::Lower) => format!("≤ {}", fmt_num(t)),
+        _ => String::new(),
+    }
+}
+
+/// One suite against the targets.
+pub fn table(r: &SuiteResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\n{}: {} connections", r.label, r.connections);
+    let _ = writeln!(
+        out,
+        "| {:<42} | {:>14} | {:>8} | {:>14} | {:>4} |",
+        "figure", "measured", "unit", "target", "met"
+    );
+    let _ = writeln!(
+        out,
+        "|{:-<44}|{:->16}|{:->10}|{:->16}|{:->6}|",
+        "", "", "", "", ""
+    );
+    for f in figures() {
+        let Some(v) = (f.get)(r) else { continue };
+        let _ = writeln!(
+            out,
+            "| {:<42} | {:>14} | {:>8} | {:>14} | {:>4} |",
+            f.name,
+            fmt_num(v),
+            f.unit,
+            target_text(&f),
+            meets(&f, v)
+        );
+    }
+    if r.failed > 0 || r.dropped > 0 || r.server_closes.iter().any(|&c| c > 0) {
+        let _ = writeln!(
+            out,
+            "connect failures {}, dropped without close {}, server closes 1001/1008/1009/1013/other {:?}",
+            r.failed, r.dropped, r.server_closes
+        );
+    }
+    out
+}
+
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    Some(if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
+    })
+}
+
+/// wsnotify against the baseline: medians of each figure over the runs, and their ratio.
+pub fn comparison(ours: &[SuiteResult], base: &[SuiteResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nwsnotify vs baseline (median of {} / {} runs, interleaved)",
+        ours.len(),
+        base.len()
+    );
+    let _ = writeln!(
+        out,
+        "| {:<42} | {:>8} | {:>14} | {:>14} | {:>14} | {:>14} | {:>4} |",
+        "figure", "unit", "target", "wsnotify", "baseline", "ws ÷ base", "met"
+    );
+    let _ = writeln!(
+        out,
+        "|{:-<44}|{:->10}|{:->16}|{:->16}|{:->16}|{:->16}|{:->6}|",
+        "", "", "", "", "", "", ""
+    );
+    for f in figures() {
+        let a = median(ours.iter().filter_map(|r| (f.get)(r)).collect());
+        let b = median(base.iter().filter_map(|r| (f.get)(r)).collect());
+        if a.is_none() && b.is_none() {
+            continue;
+        }
+        let ratio = match (a, b) {
+            (Some(a), Some(b)) if b != 0.0 => format!("{:.3}", a / b),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {:<42} | {:>8} | {:>14} | {:>14} | {:>14} | {:>14} | {:>4} |",
+            f.name,
+            f.unit,
+            target_text(&f),
+            a.map_or("–".into(), fmt_num),
+            b.map_or("–".into(), fmt_num),
+            ratio,
+            a.map_or("", |v| meets(&f, v))
+        );
+    }
+    out
+}
