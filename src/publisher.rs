@@ -103,15 +103,8 @@ impl Publisher {
         message_type: &str,
         data: &T,
     ) -> Result<(), PublishError> {
-        self.send(envelope(
-            Recipients::User(user_id),
-            message_type,
-            data,
-            None,
-        )?)
-        .await?
-        .wait()
-        .await
+        self.notify(Recipients::User(user_id), message_type, data)
+            .await
     }
 
     /// Several users; waits for the broker's confirm.
@@ -121,15 +114,8 @@ impl Publisher {
         message_type: &str,
         data: &T,
     ) -> Result<(), PublishError> {
-        self.send(envelope(
-            Recipients::Users(user_ids),
-            message_type,
-            data,
-            None,
-        )?)
-        .await?
-        .wait()
-        .await
+        self.notify(Recipients::Users(user_ids), message_type, data)
+            .await
     }
 
     /// Every connected user; waits for the broker's confirm.
@@ -138,10 +124,18 @@ impl Publisher {
         message_type: &str,
         data: &T,
     ) -> Result<(), PublishError> {
-        self.send(envelope(Recipients::Broadcast, message_type, data, None)?)
-            .await?
-            .wait()
-            .await
+        self.notify(Recipients::Broadcast, message_type, data).await
+    }
+
+    /// Any recipients; waits for the broker's confirm.
+    pub async fn notify<T: Serialize + ?Sized>(
+        &self,
+        to: Recipients<'_>,
+        message_type: &str,
+        data: &T,
+    ) -> Result<(), PublishError> {
+        let env = envelope(to, message_type, data, None)?;
+        self.send(env).await?.wait().await
     }
 
     /// Validates and sends a complete envelope without waiting: await the returned

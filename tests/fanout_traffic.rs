@@ -18,16 +18,31 @@ use serde_json::json;
 /// (recv_oct, send_oct, recv_cnt, send_cnt) summed over the connections of `pids`.
 fn broker_counters(pids: &[i32]) -> [u64; 4] {
     let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "client_properties", "recv_oct", "send_oct", "recv_cnt", "send_cnt", "-q"])
+        .args([
+            "list_connections",
+            "client_properties",
+            "recv_oct",
+            "send_oct",
+            "recv_cnt",
+            "send_cnt",
+            "-q",
+        ])
         .output()
         .expect("rabbitmqctl");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut sum = [0u64; 4];
     for line in text.lines() {
-        if !pids.iter().any(|p| line.contains(&format!("\"wsnotify {p}\""))) {
+        if !pids
+            .iter()
+            .any(|p| line.contains(&format!("\"wsnotify {p}\"")))
+        {
             continue;
         }
-        let nums: Vec<u64> = line.rsplit('\t').take(4).filter_map(|v| v.trim().parse().ok()).collect();
+        let nums: Vec<u64> = line
+            .rsplit('\t')
+            .take(4)
+            .filter_map(|v| v.trim().parse().ok())
+            .collect();
         if nums.len() == 4 {
             // rsplit yields send_cnt, recv_cnt, send_oct, recv_oct.
             sum[0] += nums[3];
@@ -43,7 +58,9 @@ fn broker_counters(pids: &[i32]) -> [u64; 4] {
 #[ignore = "measurement; run by hand (see the module docs)"]
 async fn broker_traffic_per_notification() {
     const K: u64 = 2000;
-    println!("| replicas | broker messages / notification | bytes broker←gateways | bytes broker→gateways | socket reads+writes |");
+    println!(
+        "| replicas | broker messages / notification | bytes broker←gateways | bytes broker→gateways | socket reads+writes |"
+    );
     println!("|---:|---:|---:|---:|---:|");
     for n in [1usize, 3, 10] {
         let q = unique("traffic");
@@ -58,15 +75,26 @@ async fn broker_traffic_per_notification() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = broker_counters(&pids);
         for i in 0..K {
-            broker.publish_json(&q, &to_all("m", json!({"i": i, "pad": "x".repeat(100)}))).await;
+            broker
+                .publish_json(&q, &to_all("m", json!({"i": i, "pad": "x".repeat(100)})))
+                .await;
         }
         for g in &gws {
-            g.wait_metric("wsnotify_messages_total{outcome=\"no_recipient\"}", K).await;
+            g.wait_metric("wsnotify_messages_total{outcome=\"no_recipient\"}", K)
+                .await;
         }
         // The broker's counters are sampled every few seconds: wait for a fresh sample.
         tokio::time::sleep(Duration::from_secs(6)).await;
         let after = broker_counters(&pids);
-        let d: Vec<f64> = (0..4).map(|i| (after[i] - before[i]) as f64 / K as f64).collect();
-        println!("| {n} | {} | {:.0} | {:.0} | {:.1} |", n + 3, d[0], d[1], d[2] + d[3]);
+        let d: Vec<f64> = (0..4)
+            .map(|i| (after[i] - before[i]) as f64 / K as f64)
+            .collect();
+        println!(
+            "| {n} | {} | {:.0} | {:.0} | {:.1} |",
+            n + 3,
+            d[0],
+            d[1],
+            d[2] + d[3]
+        );
     }
 }

@@ -249,6 +249,11 @@ pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
         req
     })
     .await;
+    parse_response(&raw)
+}
+
+/// Status and body of a raw HTTP response.
+pub fn parse_response(raw: &str) -> (u16, String) {
     let status = raw
         .split_whitespace()
         .nth(1)
