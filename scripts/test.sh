@@ -22,7 +22,7 @@ count_cargo() {
 }
 
 log "cargo test (unit + integration, real RabbitMQ)"
-cargo test --locked --all-targets 2>&1 | tee "$out"
+cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 count_cargo
 
