@@ -4,8 +4,11 @@
 //! this is the one place the gateway does not use a ready-made WebSocket stream:
 //!
 //! * **Reading** goes through tungstenite's codec (masking, fragmentation, control frames,
-//!   size limits, UTF-8, the close handshake), fed from a non-blocking [`Wire`]. Its read buffer
-//!   is the only per-connection buffer that lives while the socket is idle.
+//!   size limits, UTF-8, the close handshake) — but an idle socket holds none of it. Bytes are
+//!   read into a per-thread scratch buffer; complete frames are handed to a [`Reader`] (the
+//!   codec and its protocol state) that exists only while the peer is mid-frame, mid-message
+//!   or closing, and is freed as soon as its state is back to "nothing pending". Pongs, the only
+//!   thing a healthy idle client sends, are recognised without it.
 //! * **Writing** notification frames bypasses the codec: a [`Frame`](crate::frame::Frame) is
 //!   already complete wire bytes, shared by every recipient, so the task moves its mailbox
 //!   into a local queue and hands the frames to one `writev(2)` — no copy, no per-connection
@@ -15,6 +18,7 @@
 //! * No `split()`, no channel and no timer per connection: the registry's [`Handle`] carries
 //!   the mailbox, the waker and signals (ping, shutdown, overflow, dead peer, expired token).
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice, Read, Write};
@@ -27,7 +31,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tungstenite::error::{CapacityError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
 use crate::frame::PING;
@@ -42,8 +46,7 @@ const MAX_IOVECS: usize = 64;
 /// and never reading would grow `ctrl` without bound (see RELIABILITY.md).
 const MAX_CTRL_BYTES: usize = 16 * 1024;
 
-/// The socket as tungstenite sees it: reads come from the kernel, writes (control frames only)
-/// land in `ctrl` for the connection's own writer.
+/// The socket and what waits to be written to it.
 pub struct Wire {
     sock: TcpStream,
     /// Notification frames waiting for the socket; `front_off` bytes of the first are written.
@@ -54,13 +57,64 @@ pub struct Wire {
     ctrl_off: usize,
 }
 
-impl Read for Wire {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.try_read(buf)
+/// tungstenite's side of a connection: the codec with its protocol state (close handshake,
+/// fragments of a message), plus the bytes of a frame that has not fully arrived yet.
+///
+/// Allocated when the peer sends anything but pongs, freed once nothing is pending: the codec
+/// has consumed every complete frame (it is only ever given complete frames, so its own read
+/// buffer is then empty), no fragmented message is in progress, no partial frame is carried,
+/// and no close handshake has begun.
+struct Reader {
+    ctx: WebSocketContext,
+    /// Start of a frame still arriving; never handed to the codec before it is complete.
+    carry: Vec<u8>,
+    /// A fragmented data message is in progress (the codec holds its first fragments).
+    mid_message: bool,
+    /// `carry` holds bytes not yet scanned (sent right behind the upgrade request).
+    unscanned: bool,
+}
+
+impl Reader {
+    fn new(config: WebSocketConfig) -> Box<Reader> {
+        Box::new(Reader {
+            ctx: WebSocketContext::new(Role::Server, Some(config)),
+            carry: Vec::new(),
+            mid_message: false,
+            unscanned: false,
+        })
+    }
+
+    /// True when dropping the reader loses nothing (see the type's docs).
+    fn idle(&self) -> bool {
+        self.carry.is_empty() && !self.mid_message && !self.unscanned && self.ctx.can_write()
     }
 }
 
-impl Write for Wire {
+/// What the codec reads from (complete frames, then "would block", or end of stream) and
+/// writes to (the connection's control buffer).
+struct Feed<'a> {
+    input: &'a [u8],
+    eof: bool,
+    ctrl: &'a mut Vec<u8>,
+}
+
+impl Read for Feed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return if self.eof {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = self.input.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for Feed<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.ctrl.extend_from_slice(buf);
         Ok(buf.len())
@@ -69,6 +123,70 @@ impl Write for Wire {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+thread_local! {
+    /// Where every connection on this thread reads its socket into; only an incomplete
+    /// frame is copied out of it (into its [`Reader`]).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Header of a client frame at the start of `b`: (header length, payload length), or `None`
+/// if the header is not complete yet.
+fn frame_header(b: &[u8]) -> Option<(usize, u64)> {
+    let b1 = *b.get(1)?;
+    let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
+    let (len_bytes, len) = match b1 & 0x7f {
+        126 => (2, u64::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?]))),
+        127 => {
+            let ext: [u8; 8] = b.get(2..10)?.try_into().ok()?;
+            (8, u64::from_be_bytes(ext))
+        }
+        n => (0, u64::from(n)),
+    };
+    let header = 2 + len_bytes + mask;
+    (b.len() >= header).then_some((header, len))
+}
+
+/// How many leading bytes of `buf` are complete frames the codec may be given, tracking
+/// whether they leave a fragmented message open. A header announcing more than `max_frame`
+/// bytes ends the scan with everything handed over: the codec refuses it at the header, as it
+/// always has, and nothing behind it matters any more.
+fn complete_frames(buf: &[u8], max_frame: u64, mid_message: &mut bool) -> usize {
+    let mut at = 0;
+    while let Some((header, len)) = frame_header(&buf[at..]) {
+        if len > max_frame {
+            return buf.len();
+        }
+        let end = at + header + len as usize;
+        if end > buf.len() {
+            break;
+        }
+        let b0 = buf[at];
+        let fin = b0 & 0x80 != 0;
+        match b0 & 0x0f {
+            0x1 | 0x2 => *mid_message = !fin,
+            0x0 if fin => *mid_message = false,
+            _ => {}
+        }
+        at = end;
+    }
+    at
+}
+
+/// How many leading bytes of `buf` are complete, well-formed pongs from a client (final,
+/// no reserved bits, masked, at most 125 bytes): all the codec would do with them is return
+/// them, so they are taken as a sign of life without it.
+fn leading_pongs(buf: &[u8]) -> usize {
+    let mut at = 0;
+    while let [0x8A, b1, ..] = buf[at..] {
+        let len = usize::from(b1 & 0x7f);
+        if b1 & 0x80 == 0 || len > 125 || buf.len() < at + 6 + len {
+            break;
+        }
+        at += 6 + len;
+    }
+    at
 }
 
 /// Counts of one write pass, added to the metrics once per pass.
@@ -171,7 +289,9 @@ enum ReadEnd {
 
 /// A registered connection. Completes when the socket is done; dropping it unregisters.
 pub struct Conn {
-    ws: WebSocket<Wire>,
+    wire: Wire,
+    /// tungstenite, only while the peer has something in progress (see [`Reader`]).
+    reader: Option<Box<Reader>>,
     handle: Arc<Handle>,
     key: ConnKey,
     shared: Arc<Shared>,
@@ -183,8 +303,10 @@ pub struct Conn {
 ///
 /// The default config keeps a 128 KiB read buffer per socket (~130 KB RSS per idle
 /// connection); clients of a push gateway send only pongs and close frames, so a few hundred
-/// bytes suffice. tungstenite never buffers notification frames here (see the module docs);
-/// its own write buffer only ever holds a control frame.
+/// bytes suffice. Here the read buffer size is also how much one read takes from the socket,
+/// and the codec (with its buffer) only exists while the peer is mid-frame (see [`Reader`]).
+/// tungstenite never buffers notification frames (see the module docs); its own write buffer
+/// only ever holds a control frame.
 pub fn ws_config(read_buffer: usize, max_client_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(read_buffer)
@@ -212,10 +334,16 @@ impl Conn {
             ctrl: Vec::new(),
             ctrl_off: 0,
         };
-        let config = Some(shared.ws_config);
-        let ws = WebSocket::from_partially_read(wire, rest, Role::Server, config);
+        // Bytes the client sent right behind its request are scanned on the first poll.
+        let reader = (!rest.is_empty()).then(|| {
+            let mut r = Reader::new(shared.ws_config);
+            r.carry = rest;
+            r.unscanned = true;
+            r
+        });
         Conn {
-            ws,
+            wire,
+            reader,
             handle,
             key,
             shared,
@@ -230,7 +358,7 @@ impl Conn {
         if matches!(self.phase, Phase::Closing { .. }) {
             return;
         }
-        let wire = self.ws.get_mut();
+        let wire = &mut self.wire;
         let partial = if wire.front_off > 0 {
             wire.out.pop_front()
         } else {
@@ -242,10 +370,21 @@ impl Conn {
         }
         // Writes into `ctrl`, which cannot fail; an error only means tungstenite already
         // considers the socket closed.
-        let _ = self.ws.close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }));
+        let reader = self
+            .reader
+            .get_or_insert_with(|| Reader::new(self.shared.ws_config));
+        let mut feed = Feed {
+            input: &[],
+            eof: false,
+            ctrl: &mut self.wire.ctrl,
+        };
+        let _ = reader.ctx.close(
+            &mut feed,
+            Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }),
+        );
         self.phase = Phase::Closing { read };
         // Bound the wait for the peer's reply: the keepalive sweep drops a connection silent
         // for two ticks, and from now on nothing the peer sends counts as a sign of life.
@@ -280,20 +419,100 @@ impl Conn {
             self.phase = Phase::Draining;
         }
         if sig & signal::PING != 0 && matches!(self.phase, Phase::Open | Phase::Draining) {
-            self.ws.get_mut().ctrl.extend_from_slice(PING);
+            self.wire.ctrl.extend_from_slice(PING);
         }
         false
     }
 
+    /// Reads until the socket has nothing more (or the connection must end or pause).
     fn poll_read(&mut self, cx: &mut Context<'_>) -> ReadEnd {
+        if self.reader.as_ref().is_some_and(|r| r.unscanned)
+            && let Some(end) = self.on_bytes(&[], false)
+        {
+            return end;
+        }
+        let chunk = self.shared.ws_config.read_buffer_size.max(16);
         loop {
             // Every ping read queues a pong: while they are backed up, leave the peer's frames
             // in the kernel (TCP backpressure) and do not count it as alive.
-            let wire = self.ws.get_ref();
-            if wire.ctrl.len() - wire.ctrl_off > MAX_CTRL_BYTES {
+            if self.wire.ctrl.len() - self.wire.ctrl_off > MAX_CTRL_BYTES {
                 return ReadEnd::Paused;
             }
-            match self.ws.read() {
+            let read = SCRATCH.with_borrow_mut(|buf| {
+                if buf.len() < chunk {
+                    buf.resize(chunk, 0);
+                }
+                match self.wire.sock.try_read(&mut buf[..chunk]) {
+                    Ok(n) => Ok(self.on_bytes(&buf[..n], n == 0)),
+                    Err(e) => Err(e),
+                }
+            });
+            match read {
+                Ok(None) => {}
+                Ok(Some(end)) => return end,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.reader.as_ref().is_some_and(|r| r.idle())
+                        && matches!(self.phase, Phase::Open | Phase::Draining)
+                    {
+                        self.reader = None;
+                    }
+                    match self.wire.sock.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(_)) => return ReadEnd::Closed,
+                        Poll::Pending => return ReadEnd::Pending,
+                    }
+                }
+                Err(_) => return ReadEnd::Closed,
+            }
+        }
+    }
+
+    /// Handles bytes read from the socket (`eof`: the peer closed its side). Returns how the
+    /// read pass ends, or `None` to read on.
+    fn on_bytes(&mut self, data: &[u8], eof: bool) -> Option<ReadEnd> {
+        let mut data = data;
+        if self.reader.is_none() {
+            if eof {
+                // What the codec would say about a stream ending between frames.
+                return Some(ReadEnd::Closed);
+            }
+            let pongs = leading_pongs(data);
+            if pongs > 0 {
+                self.handle.seen(self.shared.registry.tick());
+                data = &data[pongs..];
+            }
+            if data.is_empty() {
+                return None;
+            }
+        }
+        let reader = self
+            .reader
+            .get_or_insert_with(|| Reader::new(self.shared.ws_config));
+        reader.unscanned = false;
+        let mut carry = std::mem::take(&mut reader.carry);
+        let bytes: &[u8] = if carry.is_empty() {
+            data
+        } else {
+            carry.extend_from_slice(data);
+            &carry
+        };
+        let max_frame = self
+            .shared
+            .ws_config
+            .max_frame_size
+            .map_or(u64::MAX, |m| m as u64);
+        let whole = if eof {
+            bytes.len()
+        } else {
+            complete_frames(bytes, max_frame, &mut reader.mid_message)
+        };
+        let mut feed = Feed {
+            input: &bytes[..whole],
+            eof,
+            ctrl: &mut self.wire.ctrl,
+        };
+        let end = loop {
+            match reader.ctx.read(&mut feed) {
                 Ok(msg) => {
                     if !matches!(self.phase, Phase::Closing { .. }) {
                         self.handle.seen(self.shared.registry.tick());
@@ -311,35 +530,39 @@ impl Conn {
                         _ => {}
                     }
                 }
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match self.ws.get_mut().sock.poll_read_ready(cx) {
-                        Poll::Ready(Ok(())) => continue,
-                        Poll::Ready(Err(_)) => return ReadEnd::Closed,
-                        Poll::Pending => return ReadEnd::Pending,
-                    }
-                }
-                Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
-                    self.shared
-                        .metrics
-                        .oversized_frame_closes
-                        .fetch_add(1, Ordering::Relaxed);
-                    return ReadEnd::Violation(CloseCode::Size, "message too big");
-                }
-                Err(WsError::Capacity(_)) => {
-                    return ReadEnd::Violation(CloseCode::Size, "message too big");
-                }
-                Err(WsError::Utf8(_)) => {
-                    return ReadEnd::Violation(CloseCode::Invalid, "invalid UTF-8");
-                }
-                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
-                    return ReadEnd::Closed;
-                }
-                Err(WsError::Protocol(_)) => {
-                    return ReadEnd::Violation(CloseCode::Protocol, "protocol error");
-                }
-                Err(_) => return ReadEnd::Closed,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                Err(e) => break Some(read_error(e, &self.shared)),
+            }
+        };
+        // Keep the start of a frame still arriving.
+        let tail = bytes.len() - whole;
+        if tail > 0 {
+            if carry.is_empty() {
+                reader.carry = data[data.len() - tail..].to_vec();
+            } else {
+                carry.drain(..whole);
+                reader.carry = carry;
             }
         }
+        end
+    }
+}
+
+/// How a codec error ends the connection.
+fn read_error(e: WsError, shared: &Shared) -> ReadEnd {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            shared
+                .metrics
+                .oversized_frame_closes
+                .fetch_add(1, Ordering::Relaxed);
+            ReadEnd::Violation(CloseCode::Size, "message too big")
+        }
+        WsError::Capacity(_) => ReadEnd::Violation(CloseCode::Size, "message too big"),
+        WsError::Utf8(_) => ReadEnd::Violation(CloseCode::Invalid, "invalid UTF-8"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => ReadEnd::Closed,
+        WsError::Protocol(_) => ReadEnd::Violation(CloseCode::Protocol, "protocol error"),
+        _ => ReadEnd::Closed,
     }
 }
 
@@ -356,7 +579,7 @@ impl Future for Conn {
         }
 
         match this.phase {
-            Phase::Open | Phase::Draining => this.handle.drain_into(&mut this.ws.get_mut().out),
+            Phase::Open | Phase::Draining => this.handle.drain_into(&mut this.wire.out),
             Phase::Closing { .. } => this.handle.discard_queued(&mut VecDeque::new()),
         }
 
@@ -367,10 +590,7 @@ impl Future for Conn {
                 ReadEnd::Paused => read_paused = true,
                 ReadEnd::Closed => {
                     // Best effort: a close reply tungstenite queued may still fit the socket.
-                    let _ = this
-                        .ws
-                        .get_mut()
-                        .poll_write_out(cx, &mut Written::default());
+                    let _ = this.wire.poll_write_out(cx, &mut Written::default());
                     return Poll::Ready(());
                 }
                 ReadEnd::Violation(code, reason) => this.begin_close(code, reason, false),
@@ -379,7 +599,7 @@ impl Future for Conn {
 
         loop {
             let mut done = Written::default();
-            let res = this.ws.get_mut().poll_write_out(cx, &mut done);
+            let res = this.wire.poll_write_out(cx, &mut done);
             if done.frames > 0 {
                 if matches!(this.phase, Phase::Open | Phase::Draining) {
                     this.handle.written(done.bytes);
@@ -417,5 +637,81 @@ impl Future for Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.shared.registry.unregister(self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame with a zero mask.
+    fn client(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![b0];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn only_complete_frames_are_handed_over() {
+        let mut wire = client(0x81, b"hello");
+        wire.extend(client(0x89, b"ping"));
+        wire.extend(client(0x82, &[7; 300]));
+        wire.extend(client(0x81, &[b'x'; 70_000]));
+        let ends = [11, 21, 21 + 308, wire.len()];
+        for cut in 0..=wire.len() {
+            let mut mid = false;
+            let n = complete_frames(&wire[..cut], 1 << 20, &mut mid);
+            let want = ends.iter().rev().find(|&&e| e <= cut).copied().unwrap_or(0);
+            assert_eq!(n, want, "cut at {cut}");
+            assert!(!mid);
+        }
+    }
+
+    #[test]
+    fn fragments_and_oversized_headers() {
+        let mut mid = false;
+        let first = client(0x01, b"frag"); // text, not final
+        assert_eq!(complete_frames(&first, 4096, &mut mid), first.len());
+        assert!(mid);
+        let ping = client(0x89, b"");
+        complete_frames(&ping, 4096, &mut mid);
+        assert!(
+            mid,
+            "a control frame between fragments leaves the message open"
+        );
+        let last = client(0x80, b"ment"); // continuation, final
+        complete_frames(&last, 4096, &mut mid);
+        assert!(!mid);
+        // A header announcing more than the limit: everything goes to the codec (which refuses
+        // it), even though the payload has not arrived.
+        let mut big = client(0x81, &[0; 5000]);
+        big.truncate(20);
+        assert_eq!(complete_frames(&big, 4096, &mut mid), 20);
+    }
+
+    #[test]
+    fn pongs_are_recognised_without_the_codec() {
+        let mut wire = client(0x8A, b"");
+        wire.extend(client(0x8A, &[1; 125]));
+        let pongs = wire.len();
+        wire.extend(client(0x89, b"x"));
+        assert_eq!(leading_pongs(&wire), pongs);
+        // Partial, unmasked, reserved bits or non-final: left to the codec.
+        assert_eq!(leading_pongs(&wire[..pongs - 1]), 6);
+        assert_eq!(leading_pongs(&[0x8A, 0x00]), 0);
+        assert_eq!(leading_pongs(&client(0xCA, b"")), 0);
+        assert_eq!(leading_pongs(&client(0x0A, b"")), 0);
     }
 }
