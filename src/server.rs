@@ -27,6 +27,8 @@ use crate::shutdown::{Shutdown, Slot, Tracker};
 
 /// Longest pause between accept retries after an error such as EMFILE.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Most warnings about exhausted descriptors per period.
+const EXHAUSTED_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// What every socket handler shares.
 pub struct Shared {
@@ -71,11 +73,19 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Accepts until shutdown. Errors from `accept(2)` (EMFILE, ENFILE, ENOBUFS…) are retried
-    /// after a pause that doubles up to a second: the pending connection stays in the backlog,
-    /// so retrying at once would spin a core at 100 % while descriptors are exhausted.
+    /// Accepts until shutdown.
+    ///
+    /// Out of descriptors (EMFILE/ENFILE), a connection waiting in the backlog is refused with
+    /// 503 at once: the listener keeps one descriptor in reserve (`/dev/null`), gives it up to
+    /// accept that connection, answers and closes it, and takes the reserve back. Without it,
+    /// the excess would hang in the backlog until the client gives up. Other errors from
+    /// `accept(2)` (and EMFILE when the reserve cannot be had) are retried after a pause that
+    /// doubles up to a second: the pending connection stays in the backlog, so retrying at once
+    /// would spin a core at 100 %.
     pub async fn run(mut self) {
         let mut backoff = Duration::ZERO;
+        let mut reserve = std::fs::File::open("/dev/null").ok();
+        let mut exhausted_logged: Option<std::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
                 res = self.listener.accept() => res,
@@ -85,6 +95,21 @@ impl Listener {
                 Ok((sock, _peer)) => {
                     backoff = Duration::ZERO;
                     self.dispatch(sock);
+                }
+                Err(e) if out_of_descriptors(&e) && reserve.is_some() => {
+                    inc(&self.shared.metrics.accept_errors);
+                    drop(reserve.take());
+                    if let Some(Ok((sock, _))) =
+                        futures_util::FutureExt::now_or_never(self.listener.accept())
+                    {
+                        inc(&self.shared.metrics.handshakes_over_capacity);
+                        refuse_now(sock, &Response::text(503, "out of file descriptors\n"));
+                    }
+                    reserve = std::fs::File::open("/dev/null").ok();
+                    if exhausted_logged.is_none_or(|t| t.elapsed() >= EXHAUSTED_LOG_EVERY) {
+                        exhausted_logged = Some(std::time::Instant::now());
+                        warn!(error = %e, "accept failed: out of file descriptors, refusing new connections with 503");
+                    }
                 }
                 Err(e) => {
                     inc(&self.shared.metrics.accept_errors);
@@ -108,7 +133,7 @@ impl Listener {
         let Some(slot) = shared.tracker.try_acquire(limit) else {
             // Out of sockets: answer without spawning anything and hang up.
             inc(&shared.metrics.handshakes_over_capacity);
-            let _ = sock.try_write(&Response::text(503, "too many connections\n").encode());
+            refuse_now(sock, &Response::text(503, "too many connections\n"));
             return;
         };
         let _ = sock.set_nodelay(true);
@@ -121,6 +146,32 @@ impl Listener {
             }
         });
     }
+}
+
+/// EMFILE (this process) or ENFILE (the whole system).
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Answers a socket that gets no task, and closes it, without waiting: reads what the client
+/// already sent (closing with unread data would reset the connection and could destroy the
+/// answer before the client reads it), writes `r` and half-closes. Works on the plain
+/// descriptor: a socket just accepted has no readiness in the reactor yet, so tokio's
+/// `try_read`/`try_write` would not even try.
+fn refuse_now(sock: TcpStream, r: &Response<'_>) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = sock.into_std() else {
+        return;
+    };
+    let mut buf = [0u8; 4096];
+    for _ in 0..4 {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let _ = s.write(&r.encode());
+    let _ = s.shutdown(std::net::Shutdown::Write);
 }
 
 /// Reads the request head and answers it; returns the connection if it was upgraded.
