@@ -151,3 +151,141 @@ async fn descriptor_exhaustion_refuses_the_excess_without_spinning_and_recovers(
     drop(again);
     assert!(alive(pid));
 }
+
+/// The broker-side name of the gateway's AMQP connection (its `connection_name` is
+/// `wsnotify <pid>`).
+fn broker_connection_of(pid: i32) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&format!("\"wsnotify {pid}\"")))
+        .and_then(|l| l.split('\t').next())
+        .map(str::to_owned)
+}
+
+/// Collects the `data.i` of every frame a reader gets until it has `n` or `limit` passes.
+async fn collect(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, serde_json::Value)>,
+    into: &mut Vec<u64>,
+    n: usize,
+    limit: Duration,
+) {
+    let _ = bounded(limit, async {
+        while into.len() < n {
+            match rx.recv().await {
+                Some((_, f)) => into.push(f["data"]["i"].as_u64().expect("data.i")),
+                None => return,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
+    let q = unique("cutstream");
+    let mut broker = Broker::connect().await;
+    broker.declare(&q).await;
+    let gw = Gateway::start(&q, &[("AMQP_PREFETCH", "50")]).await;
+    // Two tabs of one user and a broadcast listener.
+    let mut tab1 = spawn_reader(gw.connect_user("u").await);
+    let mut tab2 = spawn_reader(gw.connect_user("u").await);
+    let mut other = spawn_reader(gw.connect_user("v").await);
+    // A publisher with its own connection, 1,000 messages a second, running through the cut:
+    // what it publishes while the gateway is away waits in the durable queue.
+    let total = 3000usize;
+    let q2 = q.clone();
+    let publisher = tokio::spawn(async move {
+        let broker = Broker::connect().await;
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        for chunk in 0..total / 5 {
+            tick.tick().await;
+            for i in chunk * 5..chunk * 5 + 5 {
+                let msg = if i % 10 == 0 {
+                    to_all("seq", json!({ "i": i }))
+                } else {
+                    to_user("u", "seq", json!({ "i": i }))
+                };
+                broker.publish_json(&q2, &msg).await;
+            }
+        }
+    });
+    // Cut the link while the stream is flowing.
+    let mut got1 = Vec::new();
+    collect(&mut tab1, &mut got1, 500, WAIT).await;
+    assert_eq!(got1.len(), 500, "the stream started");
+    let pid = gw.pid();
+    let name = tokio::task::spawn_blocking(move || broker_connection_of(pid))
+        .await
+        .unwrap()
+        .expect("the gateway's broker connection");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "close_connection",
+            &name,
+            "wsnotify test: link cut mid-stream",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "{out:?}");
+    // What had arrived by the time the broker had closed the link.
+    while let Ok((_, f)) = tab1.try_recv() {
+        got1.push(f["data"]["i"].as_u64().unwrap());
+    }
+    let cut_at = got1.len();
+    assert!(cut_at < total, "the cut must land mid-stream");
+    gw.wait_log("broker link down").await;
+    gw.wait_metric("wsnotify_broker_connects_total", 2).await;
+
+    publisher.await.unwrap();
+    let mut got2 = Vec::new();
+    let mut got_other = Vec::new();
+    collect(&mut tab1, &mut got1, total, Duration::from_secs(30)).await;
+    collect(&mut tab2, &mut got2, total, Duration::from_secs(30)).await;
+    collect(
+        &mut other,
+        &mut got_other,
+        total / 10,
+        Duration::from_secs(30),
+    )
+    .await;
+    // A little longer for any duplicate still on its way.
+    for (rx, got) in [(&mut tab1, &mut got1), (&mut tab2, &mut got2)] {
+        collect(rx, got, total + 1, Duration::from_millis(500)).await;
+    }
+    collect(
+        &mut other,
+        &mut got_other,
+        total / 10 + 1,
+        Duration::from_millis(500),
+    )
+    .await;
+
+    let want: Vec<u64> = (0..total as u64).collect();
+    let want_other: Vec<u64> = (0..total as u64).step_by(10).collect();
+    let dup = |v: &[u64]| v.len() - v.iter().collect::<std::collections::HashSet<_>>().len();
+    eprintln!(
+        "link cut when {cut_at} of {total} frames had arrived: tab1 {} frames ({} duplicates), tab2 {} ({}), broadcast listener {} of {} ({}); copies dropped by dedupe {}, dead-lettered {}",
+        got1.len(),
+        dup(&got1),
+        got2.len(),
+        dup(&got2),
+        got_other.len(),
+        want_other.len(),
+        dup(&got_other),
+        gw.metric("wsnotify_duplicates_dropped_total").await,
+        gw.metric("wsnotify_messages_total{outcome=\"dead_lettered\"}")
+            .await,
+    );
+    assert_eq!(got1, want, "tab 1: every message once, in order");
+    assert_eq!(got2, want, "tab 2: every message once, in order");
+    assert_eq!(
+        got_other, want_other,
+        "broadcasts: every one once, in order"
+    );
+    assert_eq!(gw.metric("wsnotify_connections").await, 3, "clients kept");
+    assert_eq!(broker.count(&q).await, 0);
+}
