@@ -29,6 +29,13 @@ use crate::shutdown::{Shutdown, Slot, Tracker};
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Most warnings about exhausted descriptors per period.
 const EXHAUSTED_LOG_EVERY: Duration = Duration::from_secs(1);
+/// Kernel send buffer of each client socket (Linux allots twice this). Setting it turns off
+/// Linux's send-buffer autotuning, which otherwise lets the buffer of a client that stops
+/// reading grow to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default): that much kernel memory
+/// per stalled socket, and megabytes of frames before its `CLIENT_QUEUE_BYTES` mailbox even
+/// starts to fill and the 1013 cut-off can act. Notifications are small; 64 KiB in flight is
+/// ample for a reader that keeps up.
+const SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
 
 /// What every socket handler shares.
 pub struct Shared {
@@ -137,6 +144,7 @@ impl Listener {
             return;
         };
         let _ = sock.set_nodelay(true);
+        set_send_buffer(&sock, SEND_BUFFER_BYTES);
         let shared = shared.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -145,6 +153,23 @@ impl Listener {
                 conn.await;
             }
         });
+    }
+}
+
+/// Fixes the socket's `SO_SNDBUF` (see [`SEND_BUFFER_BYTES`]). Best effort: on failure the
+/// kernel default stays.
+fn set_send_buffer(sock: &TcpStream, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt only reads the `c_int` we pass, for the length we give, on a
+    // descriptor the stream keeps open for the duration of the call.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const bytes).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
