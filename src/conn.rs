@@ -292,6 +292,10 @@ pub struct Conn {
     wire: Wire,
     /// tungstenite, only while the peer has something in progress (see [`Reader`]).
     reader: Option<Box<Reader>>,
+    /// When the oldest frame in `wire.out` entered routing ([`Registry::clock`]).
+    ///
+    /// [`Registry::clock`]: crate::registry::Registry::clock
+    out_since: Option<u32>,
     handle: Arc<Handle>,
     key: ConnKey,
     shared: Arc<Shared>,
@@ -344,6 +348,7 @@ impl Conn {
         Conn {
             wire,
             reader,
+            out_since: None,
             handle,
             key,
             shared,
@@ -365,6 +370,7 @@ impl Conn {
             None
         };
         self.handle.discard_queued(&mut wire.out);
+        self.out_since = None;
         if let Some(f) = partial {
             wire.out.push_back(f);
         }
@@ -579,7 +585,11 @@ impl Future for Conn {
         }
 
         match this.phase {
-            Phase::Open | Phase::Draining => this.handle.drain_into(&mut this.wire.out),
+            Phase::Open | Phase::Draining => {
+                if let Some(born) = this.handle.drain_into(&mut this.wire.out) {
+                    this.out_since.get_or_insert(born);
+                }
+            }
             Phase::Closing { .. } => this.handle.discard_queued(&mut VecDeque::new()),
         }
 
@@ -612,6 +622,11 @@ impl Future for Conn {
                     .metrics
                     .bytes_sent
                     .fetch_add(done.bytes as u64, Ordering::Relaxed);
+                if this.wire.out.is_empty()
+                    && let Some(born) = this.out_since.take()
+                {
+                    this.shared.registry.record_delivery(this.key, born);
+                }
             }
             return match res {
                 Poll::Ready(Err(_)) => Poll::Ready(()),

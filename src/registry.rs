@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -56,7 +56,7 @@ pub mod signal {
 /// until a frame arrives, and the connection swaps it out whole when it writes.
 #[derive(Debug)]
 pub struct Handle {
-    mailbox: Mutex<VecDeque<Bytes>>,
+    mailbox: Mutex<Mailbox>,
     /// Bytes pushed and not yet written to the socket (mailbox + the connection's own queue).
     queued: AtomicUsize,
     waker: AtomicWaker,
@@ -67,10 +67,18 @@ pub struct Handle {
     expires_at: u64,
 }
 
+/// Frames waiting for the connection's task, and when the oldest of them entered routing
+/// ([`Registry::clock`]), for the delivery-latency histogram.
+#[derive(Debug, Default)]
+struct Mailbox {
+    frames: VecDeque<Bytes>,
+    since: u32,
+}
+
 impl Handle {
     pub fn new(expires_at: Option<u64>) -> Self {
         Self {
-            mailbox: Mutex::new(VecDeque::new()),
+            mailbox: Mutex::new(Mailbox::default()),
             queued: AtomicUsize::new(0),
             waker: AtomicWaker::new(),
             signals: AtomicU8::new(0),
@@ -79,9 +87,10 @@ impl Handle {
         }
     }
 
-    /// Queues a frame, unless that would take the queue over `limit` bytes: then the
-    /// connection is told to close with 1013 and the frame is dropped for it alone.
-    fn push(&self, frame: &Bytes, limit: usize) -> bool {
+    /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
+    /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
+    /// the frame is dropped for it alone.
+    fn push(&self, frame: &Bytes, born: u32, limit: usize) -> bool {
         let len = frame.len();
         if self.queued.fetch_add(len, Ordering::AcqRel) + len > limit {
             self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -90,8 +99,11 @@ impl Handle {
         }
         let was_empty = {
             let mut mb = self.mailbox.lock();
-            let was_empty = mb.is_empty();
-            mb.push_back(frame.clone());
+            let was_empty = mb.frames.is_empty();
+            if was_empty {
+                mb.since = born;
+            }
+            mb.frames.push_back(frame.clone());
             was_empty
         };
         // The task takes the whole mailbox each time it runs, so only the first frame after
@@ -116,23 +128,25 @@ impl Handle {
         self.waker.register(waker);
     }
 
-    /// Moves every queued frame into `out` (a swap when `out` is empty: no copying).
-    pub fn drain_into(&self, out: &mut VecDeque<Bytes>) {
+    /// Moves every queued frame into `out` (a swap when `out` is empty: no copying). Returns
+    /// when the oldest of them entered routing ([`Registry::clock`]), if there were any.
+    pub fn drain_into(&self, out: &mut VecDeque<Bytes>) -> Option<u32> {
         let mut mb = self.mailbox.lock();
-        if mb.is_empty() {
-            return;
+        if mb.frames.is_empty() {
+            return None;
         }
         if out.is_empty() {
-            std::mem::swap(&mut *mb, out);
+            std::mem::swap(&mut mb.frames, out);
         } else {
-            out.extend(mb.drain(..));
-            *mb = VecDeque::new();
+            out.extend(mb.frames.drain(..));
+            mb.frames = VecDeque::new();
         }
+        Some(mb.since)
     }
 
     /// Drops everything queued (slow consumer being closed).
     pub fn discard_queued(&self, out: &mut VecDeque<Bytes>) {
-        *self.mailbox.lock() = VecDeque::new();
+        self.mailbox.lock().frames = VecDeque::new();
         *out = VecDeque::new();
         self.queued.store(0, Ordering::Release);
     }
@@ -153,8 +167,12 @@ enum Delivery {
     User {
         user: Box<str>,
         frame: Bytes,
+        born: u32,
     },
-    Broadcast(Bytes),
+    Broadcast {
+        frame: Bytes,
+        born: u32,
+    },
     /// Reply once everything sent before it has been pushed to mailboxes.
     Barrier(oneshot::Sender<()>),
 }
@@ -183,11 +201,37 @@ struct ShardState {
 struct Shard {
     state: Mutex<ShardState>,
     tx: mpsc::Sender<Delivery>,
+    /// Delivery latency of this shard's connections (one histogram per shard keeps the
+    /// counters of connections on different threads apart).
+    latency: LatencyHistogram,
+}
+
+/// Upper bounds of the delivery-latency buckets, in µs.
+const LATENCY_BOUNDS_US: [u32; 23] = [
+    5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1_000, 2_000, 5_000, 10_000, 25_000,
+    50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+];
+
+/// Counts per [`LATENCY_BOUNDS_US`] bucket (the last one is `+Inf`) and their sum.
+#[derive(Default)]
+struct LatencyHistogram {
+    counts: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn record(&self, us: u32) {
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(u64::from(us), Ordering::Relaxed);
+    }
 }
 
 /// All connections, sharded.
 pub struct Registry {
     shards: Box<[Shard]>,
+    /// Start of [`Registry::clock`].
+    epoch: Instant,
     hasher: std::hash::RandomState,
     connections: AtomicUsize,
     users: AtomicUsize,
@@ -223,11 +267,13 @@ impl Registry {
             shards.push(Shard {
                 state: Mutex::new(ShardState::default()),
                 tx,
+                latency: LatencyHistogram::default(),
             });
             receivers.push(rx);
         }
         let registry = Arc::new(Registry {
             shards: shards.into_boxed_slice(),
+            epoch: Instant::now(),
             hasher: std::hash::RandomState::new(),
             connections: AtomicUsize::new(0),
             users: AtomicUsize::new(0),
@@ -257,6 +303,58 @@ impl Registry {
     /// Current keepalive tick.
     pub fn tick(&self) -> u32 {
         self.tick.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds since the registry started, wrapping (every ~71 minutes): stamps a
+    /// notification when it enters routing, for the delivery-latency histogram.
+    pub fn clock(&self) -> u32 {
+        self.epoch.elapsed().as_micros() as u32
+    }
+
+    /// Records that a connection (`at`) finished writing frames, the oldest of which entered
+    /// routing at `born` ([`Registry::clock`]).
+    pub fn record_delivery(&self, at: ConnKey, born: u32) {
+        let us = self.clock().wrapping_sub(born);
+        self.shards[usize::from(at.shard)].latency.record(us);
+    }
+
+    /// Appends the delivery-latency histogram to a Prometheus text exposition:
+    /// `wsnotify_delivery_latency_seconds`, from a notification entering routing (right after
+    /// the broker delivered it) to its frame being written to a socket. One sample per
+    /// connection write pass, timed by the oldest frame in it.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        const NAME: &str = "wsnotify_delivery_latency_seconds";
+        let mut counts = [0u64; LATENCY_BOUNDS_US.len() + 1];
+        let mut sum_us = 0u64;
+        for shard in self.shards.iter() {
+            for (c, a) in counts.iter_mut().zip(&shard.latency.counts) {
+                *c += a.load(Ordering::Relaxed);
+            }
+            sum_us += shard.latency.sum_us.load(Ordering::Relaxed);
+        }
+        let _ = write!(
+            out,
+            "# HELP {NAME} Time from a notification entering routing to its frame being written to a socket (per connection write pass, oldest frame).\n# TYPE {NAME} histogram\n"
+        );
+        let mut cumulative = 0;
+        for (i, c) in counts.iter().enumerate() {
+            cumulative += c;
+            match LATENCY_BOUNDS_US.get(i) {
+                Some(&b) => {
+                    let _ = writeln!(
+                        out,
+                        "{NAME}_bucket{{le=\"{}\"}} {cumulative}",
+                        f64::from(b) / 1e6
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{NAME}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{NAME}_sum {}", sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{NAME}_count {cumulative}");
     }
 
     /// Adds a connection for `user`. Refused once shutdown has begun, so a handshake that
@@ -336,25 +434,26 @@ impl Registry {
     /// target user (shared by all of that user's connections), one for a broadcast. Users who
     /// are not connected cost nothing: no frame is built for them.
     pub async fn route(&self, target: &Target<'_>, msg: &FrameBuilder<'_>) -> Outcome {
+        let born = self.clock();
         let mut delivered = false;
         match target {
             Target::User(user) => {
                 if self.is_connected(user) {
-                    self.send_to_user(user, &msg.build(Some(user))).await;
+                    self.send_to_user(user, &msg.build(Some(user)), born).await;
                     delivered = true;
                 }
             }
             Target::Users(users) => {
                 for user in users {
                     if self.is_connected(user) {
-                        self.send_to_user(user, &msg.build(Some(user))).await;
+                        self.send_to_user(user, &msg.build(Some(user)), born).await;
                         delivered = true;
                     }
                 }
             }
             Target::Broadcast => {
                 if self.connections() > 0 {
-                    self.broadcast(&msg.build(None)).await;
+                    self.broadcast(&msg.build(None), born).await;
                     delivered = true;
                 }
             }
@@ -367,11 +466,12 @@ impl Registry {
     }
 
     /// Hands `frame` to the shard that holds `user`. Waits only if that shard is backed up.
-    pub async fn send_to_user(&self, user: &str, frame: &Frame) {
+    async fn send_to_user(&self, user: &str, frame: &Frame, born: u32) {
         let shard = &self.shards[self.shard_of(user)];
         let d = Delivery::User {
             user: user.into(),
             frame: frame.wire().clone(),
+            born,
         };
         // The receiver lives as long as the registry's tasks; a send error means the runtime
         // is shutting down, when dropping the frame is all that is left to do.
@@ -379,12 +479,13 @@ impl Registry {
     }
 
     /// Hands `frame` to every shard.
-    pub async fn broadcast(&self, frame: &Frame) {
+    async fn broadcast(&self, frame: &Frame, born: u32) {
         for shard in self.shards.iter() {
-            let _ = shard
-                .tx
-                .send(Delivery::Broadcast(frame.wire().clone()))
-                .await;
+            let d = Delivery::Broadcast {
+                frame: frame.wire().clone(),
+                born,
+            };
+            let _ = shard.tx.send(d).await;
         }
     }
 
@@ -467,19 +568,19 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
             let st = registry.shards[idx].state.lock();
             for d in batch.drain(..) {
                 match d {
-                    Delivery::User { user, frame } => {
+                    Delivery::User { user, frame, born } => {
                         let mut key = st.users.get(&*user).copied().unwrap_or(NIL);
                         while key != NIL {
                             let e = &st.conns[key as usize];
-                            if !e.handle.push(&frame, limit) {
+                            if !e.handle.push(&frame, born, limit) {
                                 registry.overflows.fetch_add(1, Ordering::Relaxed);
                             }
                             key = e.next;
                         }
                     }
-                    Delivery::Broadcast(frame) => {
+                    Delivery::Broadcast { frame, born } => {
                         for (_, e) in st.conns.iter() {
-                            if !e.handle.push(&frame, limit) {
+                            if !e.handle.push(&frame, born, limit) {
                                 registry.overflows.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -494,5 +595,75 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
         if batch.capacity() > SHARD_BATCH * 4 {
             batch.shrink_to(SHARD_BATCH);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builder() -> FrameBuilder<'static> {
+        FrameBuilder {
+            id: "id",
+            message_type: "m",
+            timestamp: "2026-11-26T10:00:00.000Z",
+            data: b"null",
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_to_mailboxes_and_times_the_delivery() {
+        let registry = Registry::start(1 << 20);
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                let h = Arc::new(Handle::new(None));
+                let key = registry
+                    .register(Arc::from(format!("u{}", i % 50)), h.clone())
+                    .expect("open");
+                (h, key)
+            })
+            .collect();
+        let user = Target::User("u7".into());
+        assert_eq!(registry.route(&user, &builder()).await, Outcome::Delivered);
+        assert_eq!(
+            registry.route(&Target::Broadcast, &builder()).await,
+            Outcome::Delivered
+        );
+        registry.flush().await;
+        let mut out = VecDeque::new();
+        for (i, (h, key)) in handles.iter().enumerate() {
+            let born = h.drain_into(&mut out).expect("frames queued");
+            let want = if i % 50 == 7 { 2 } else { 1 };
+            assert_eq!(out.len(), want, "connection {i}");
+            out.clear();
+            registry.record_delivery(*key, born);
+        }
+        let mut text = String::new();
+        registry.render_metrics(&mut text);
+        assert!(text.contains("# TYPE wsnotify_delivery_latency_seconds histogram"));
+        assert!(text.contains("wsnotify_delivery_latency_seconds_bucket{le=\"+Inf\"} 100\n"));
+        assert!(text.contains("wsnotify_delivery_latency_seconds_count 100\n"));
+        // Each bucket line's count never decreases.
+        let counts: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains("_bucket"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), LATENCY_BOUNDS_US.len() + 1);
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn latency_buckets() {
+        let h = LatencyHistogram::default();
+        for us in [0, 5, 6, 100, 101, 3_000_000] {
+            h.record(us);
+        }
+        let c: Vec<u64> = h.counts.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        assert_eq!(c[0], 2, "0 and 5 µs are in the first bucket (le 5 µs)");
+        assert_eq!(c[1], 1);
+        assert_eq!(c[6], 1, "100 µs is in le=100 µs");
+        assert_eq!(c[7], 1);
+        assert_eq!(c[LATENCY_BOUNDS_US.len()], 1, "3 s is in +Inf");
     }
 }
