@@ -140,6 +140,9 @@ struct SuiteOpts {
     /// Publish persistent messages (delivery mode 2).
     #[arg(long)]
     persistent: bool,
+    /// RabbitMQ's process id, for its CPU share (default: the `beam.smp` process, if any).
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// Print the results as JSON on stdout (tables go to stderr).
     #[arg(long)]
     json: bool,
@@ -170,6 +173,9 @@ impl SuiteOpts {
             amqp_url: self.amqp_url.clone(),
             queue,
             pid,
+            broker_pid: self
+                .broker_pid
+                .or_else(|| loadtest::procstat::find_by_name("beam.smp")),
             connections: self.connections,
             procs: self.procs,
             src_base: self.src_base,

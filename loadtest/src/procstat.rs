@@ -21,6 +21,16 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / hz)
 }
 
+/// The first process whose command name is `comm` (e.g. `beam.smp`, RabbitMQ's Erlang VM).
+pub fn find_by_name(comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,5 +41,6 @@ mod tests {
         assert!(rss_bytes(me).unwrap() > 1024 * 1024);
         assert!(cpu_secs(me).unwrap() >= 0.0);
         assert!(rss_bytes(u32::MAX).is_none());
+        assert!(find_by_name("no such process name").is_none());
     }
 }

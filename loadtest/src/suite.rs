@@ -82,6 +82,8 @@ pub struct SuiteConfig {
     pub queue: String,
     /// Server process for RSS and CPU (none: those figures are left out).
     pub pid: Option<u32>,
+    /// Broker process (RabbitMQ's `beam.smp`), for its CPU share.
+    pub broker_pid: Option<u32>,
     pub connections: usize,
     pub procs: usize,
     /// Worker `i` binds source address `src_base + i`.
@@ -148,6 +150,11 @@ pub struct Delivery {
     pub server_cpu_per_mframes: Option<f64>,
     /// Worker processes' CPU seconds per million frames received.
     pub client_cpu_per_mframes: f64,
+    /// Cores busy during the phase (CPU seconds ÷ wall seconds, first publish to last frame):
+    /// the server, the broker, the client workers.
+    pub server_cores: Option<f64>,
+    pub broker_cores: Option<f64>,
+    pub client_cores: f64,
     /// The server's own delivery latency from its `/metrics` (bucket upper bound), if exposed.
     pub gateway_p99_us: Option<f64>,
     pub gateway_p50_us: Option<f64>,
@@ -162,6 +169,8 @@ pub struct SuiteResult {
     pub failed: u64,
     pub handshakes_per_sec: f64,
     pub handshake_latency: Latency,
+    /// Server CPU per accepted connection, µs (JWT check included when enabled).
+    pub server_cpu_per_handshake_us: Option<f64>,
     pub rss_start: Option<u64>,
     pub rss_idle: Option<u64>,
     pub idle_bytes_per_conn: Option<f64>,
@@ -334,6 +343,7 @@ impl Suite {
         }
         self.spawn_progress();
         res.rss_start = self.rss();
+        let cpu0 = self.cpu();
         self.phase("connect");
         let limit = Duration::from_secs_f64(30.0 + cfg.connections as f64 / 500.0);
         let answers = all(&mut self.workers, Cmd::Connect, limit).await?;
@@ -372,6 +382,9 @@ impl Suite {
         res.handshakes_per_sec =
             res.connected as f64 / ((last_us.saturating_sub(first_us)) as f64 / 1e6).max(1e-6);
         res.handshake_latency = Latency::of(&hs);
+        if let (Some(a), Some(b)) = (cpu0, self.cpu()) {
+            res.server_cpu_per_handshake_us = Some((b - a) * 1e6 / res.connected as f64);
+        }
         self.open_at_start = res.connected;
 
         // ---- idle
@@ -480,6 +493,7 @@ impl Suite {
         let client_cpu0 = sum(before.iter().map(|r| r.cpu_secs));
         let gw0 = self.gateway_hist().await;
         let cpu0 = self.cpu();
+        let broker0 = self.cfg.broker_pid.and_then(cpu_secs);
         let open = self.open_now().max(0) as u64;
         let t0 = now_us();
         let started = Instant::now();
@@ -527,6 +541,8 @@ impl Suite {
         // Ticks lag by up to 250 ms: ask for exact figures.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let cpu1 = self.cpu();
+        let broker1 = self.cfg.broker_pid.and_then(cpu_secs);
+        let wall = started.elapsed().as_secs_f64();
         let gw1 = self.gateway_hist().await;
         let reports = self.reports().await?;
         let delivered: u64 = reports.iter().map(|r| r.frames).sum();
@@ -562,6 +578,9 @@ impl Suite {
             } else {
                 0.0
             },
+            server_cores: cpu0.zip(cpu1).map(|(a, b)| (b - a) / wall),
+            broker_cores: broker0.zip(broker1).map(|(a, b)| (b - a) / wall),
+            client_cores: (client_cpu1 - client_cpu0) / wall,
             ..Default::default()
         };
         if let (Some(a), Some(b)) = (gw0, gw1) {
