@@ -120,10 +120,10 @@ async fn churn(addr: std::net::SocketAddr, run: Duration, c: Arc<Counts>) {
             let mut i = w as u64;
             while !stop.load(Ordering::Relaxed) {
                 let user = (i as usize * 7 + w) % USERS;
-                if let Err(e) = cycle(addr, i % 5, user, &c).await {
-                    if c.failures.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("churn: cycle kind {} failed: {e}", i % 5);
-                    }
+                if let Err(e) = cycle(addr, i % 5, user, &c).await
+                    && c.failures.fetch_add(1, Ordering::Relaxed) < 5
+                {
+                    eprintln!("churn: cycle kind {} failed: {e}", i % 5);
                 }
                 i += 1;
             }
