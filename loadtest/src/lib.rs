@@ -9,10 +9,12 @@
 //! * [`suite`]: the scenarios and their figures; [`report`]: tables;
 //! * [`baseline`]: the naive tokio-tungstenite server every figure is compared with;
 //! * [`server`]: starting either server for `loadtest compare`;
+//! * [`probe`]: RabbitMQ alone, the floor under any gateway's latency;
 //! * [`procstat`], [`prom`]: the server's RSS and CPU from `/proc`, its `/metrics`.
 
 pub mod baseline;
 pub mod client;
+pub mod probe;
 pub mod procstat;
 pub mod prom;
 pub mod publish;

@@ -73,6 +73,22 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         prefetch: u16,
     },
+    /// RabbitMQ alone: publish at a rate to a fresh queue and consume it here (manual acks),
+    /// measuring publish → consume latency and the broker's CPU. The floor under any
+    /// gateway's unicast latency on this machine.
+    BrokerProbe {
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        #[arg(long, default_value_t = 10_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 256)]
+        prefetch: u16,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A client worker process (started by `run` and `compare`).
     #[command(hide = true)]
     Worker {
@@ -248,6 +264,35 @@ fn main() -> ExitCode {
                 },
                 prefetch,
             })),
+        Cmd::BrokerProbe {
+            amqp_url,
+            rate,
+            secs,
+            prefetch,
+            json,
+        } => runtime_current().block_on(async move {
+            let broker = loadtest::procstat::find_by_name("beam.smp");
+            let r = loadtest::probe::run(&amqp_url, rate, secs, prefetch, broker).await?;
+            if json {
+                print_json(&serde_json::to_value(&r).expect("results serialize"));
+            } else {
+                let l = &r.latency;
+                println!(
+                    "broker alone, {} msg/s for {} s: {}/{} consumed; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; broker {} cores, probe {:.2} cores",
+                    r.rate,
+                    r.secs,
+                    r.consumed,
+                    r.published,
+                    l.p50_us as f64 / 1e3,
+                    l.p90_us as f64 / 1e3,
+                    l.p99_us as f64 / 1e3,
+                    l.max_us as f64 / 1e3,
+                    r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")),
+                    r.probe_cores
+                );
+            }
+            Ok(())
+        }),
         Cmd::Run {
             url,
             pid,
