@@ -5,11 +5,14 @@
 //! disconnecting touch one shard. The index is intrusive — each slab entry links to the next
 //! connection of the same user — so a user costs one map entry and no extra allocation.
 //!
-//! Frames reach the shards over bounded channels, one per shard, each drained by its own task:
-//! the consumer never takes a shard lock, a broadcast is spread over every core, and a user's
-//! frames all travel one FIFO, which keeps them in publish order. A shard task takes its lock
-//! once per batch of deliveries and pushes clones of the same [`Bytes`] into each connection's
-//! [`Handle`] mailbox; the connection's own task does the socket write.
+//! A broadcast reaches the shards over bounded channels, one per shard, each drained by its own
+//! task, so it is spread over every core: a shard task takes its lock once per batch of
+//! deliveries and pushes clones of the same [`Bytes`] into each connection's [`Handle`]
+//! mailbox; the connection's own task does the socket write. A frame for one user skips that
+//! hop when it can: if nothing is queued for the user's shard, the router pushes it into the
+//! mailboxes itself, under the lock it takes anyway to find the user; otherwise it joins the
+//! shard's queue behind what is there. Either way a user's frames reach its mailboxes in the
+//! order they were routed.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -201,6 +204,9 @@ struct ShardState {
 struct Shard {
     state: Mutex<ShardState>,
     tx: mpsc::Sender<Delivery>,
+    /// Deliveries sent to the shard's task and not yet pushed to mailboxes. Read under the
+    /// state lock; the task lowers it under that lock once a batch is pushed.
+    queued: AtomicUsize,
     /// Delivery latency of this shard's connections (one histogram per shard keeps the
     /// counters of connections on different threads apart).
     latency: LatencyHistogram,
@@ -267,6 +273,7 @@ impl Registry {
             shards.push(Shard {
                 state: Mutex::new(ShardState::default()),
                 tx,
+                queued: AtomicUsize::new(0),
                 latency: LatencyHistogram::default(),
             });
             receivers.push(rx);
@@ -437,18 +444,10 @@ impl Registry {
         let born = self.clock();
         let mut delivered = false;
         match target {
-            Target::User(user) => {
-                if self.is_connected(user) {
-                    self.send_to_user(user, &msg.build(Some(user)), born).await;
-                    delivered = true;
-                }
-            }
+            Target::User(user) => delivered = self.to_user(user, msg, born).await,
             Target::Users(users) => {
                 for user in users {
-                    if self.is_connected(user) {
-                        self.send_to_user(user, &msg.build(Some(user)), born).await;
-                        delivered = true;
-                    }
+                    delivered |= self.to_user(user, msg, born).await;
                 }
             }
             Target::Broadcast => {
@@ -465,17 +464,42 @@ impl Registry {
         }
     }
 
-    /// Hands `frame` to the shard that holds `user`. Waits only if that shard is backed up.
-    async fn send_to_user(&self, user: &str, frame: &Frame, born: u32) {
+    /// Delivers a frame for `user` if it has connections here: straight into their mailboxes
+    /// when nothing is queued for its shard, else through the shard's queue (waiting only if
+    /// that is full). Returns whether the user is connected.
+    async fn to_user(&self, user: &str, msg: &FrameBuilder<'_>, born: u32) -> bool {
         let shard = &self.shards[self.shard_of(user)];
+        let frame = {
+            let st = shard.state.lock();
+            let Some(&head) = st.users.get(user) else {
+                return false;
+            };
+            let frame = msg.build(Some(user));
+            if shard.queued.load(Ordering::Acquire) == 0 {
+                self.push_to_user(&st, head, frame.wire(), born);
+                return true;
+            }
+            frame
+        };
         let d = Delivery::User {
             user: user.into(),
             frame: frame.wire().clone(),
             born,
         };
-        // The receiver lives as long as the registry's tasks; a send error means the runtime
-        // is shutting down, when dropping the frame is all that is left to do.
-        let _ = shard.tx.send(d).await;
+        self.enqueue(shard, d).await;
+        true
+    }
+
+    /// Pushes `frame` to every connection in the user list starting at `head`.
+    fn push_to_user(&self, st: &ShardState, head: u32, frame: &Bytes, born: u32) {
+        let mut key = head;
+        while key != NIL {
+            let e = &st.conns[key as usize];
+            if !e.handle.push(frame, born, self.queue_limit) {
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+            }
+            key = e.next;
+        }
     }
 
     /// Hands `frame` to every shard.
@@ -485,7 +509,17 @@ impl Registry {
                 frame: frame.wire().clone(),
                 born,
             };
-            let _ = shard.tx.send(d).await;
+            self.enqueue(shard, d).await;
+        }
+    }
+
+    /// Sends `d` to the shard's task, waiting only if its queue is full.
+    async fn enqueue(&self, shard: &Shard, d: Delivery) {
+        shard.queued.fetch_add(1, Ordering::AcqRel);
+        // The receiver lives as long as the registry's tasks; a send error means the runtime
+        // is shutting down, when dropping the frame is all that is left to do.
+        if shard.tx.send(d).await.is_err() {
+            shard.queued.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -494,9 +528,8 @@ impl Registry {
         let mut waits = Vec::with_capacity(SHARDS);
         for shard in self.shards.iter() {
             let (tx, rx) = oneshot::channel();
-            if shard.tx.send(Delivery::Barrier(tx)).await.is_ok() {
-                waits.push(rx);
-            }
+            self.enqueue(shard, Delivery::Barrier(tx)).await;
+            waits.push(rx);
         }
         for rx in waits {
             let _ = rx.await;
@@ -562,20 +595,17 @@ pub fn unix_now() -> u64 {
 async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<Delivery>) {
     let mut batch = Vec::with_capacity(SHARD_BATCH);
     let limit = registry.queue_limit;
+    let shard = &registry.shards[idx];
     while rx.recv_many(&mut batch, SHARD_BATCH).await > 0 {
         let mut barriers = Vec::new();
         {
-            let st = registry.shards[idx].state.lock();
+            let st = shard.state.lock();
+            let n = batch.len();
             for d in batch.drain(..) {
                 match d {
                     Delivery::User { user, frame, born } => {
-                        let mut key = st.users.get(&*user).copied().unwrap_or(NIL);
-                        while key != NIL {
-                            let e = &st.conns[key as usize];
-                            if !e.handle.push(&frame, born, limit) {
-                                registry.overflows.fetch_add(1, Ordering::Relaxed);
-                            }
-                            key = e.next;
+                        if let Some(&head) = st.users.get(&*user) {
+                            registry.push_to_user(&st, head, &frame, born);
                         }
                     }
                     Delivery::Broadcast { frame, born } => {
@@ -588,6 +618,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
                     Delivery::Barrier(done) => barriers.push(done),
                 }
             }
+            shard.queued.fetch_sub(n, Ordering::AcqRel);
         }
         for done in barriers {
             let _ = done.send(());
@@ -651,6 +682,42 @@ mod tests {
             .collect();
         assert_eq!(counts.len(), LATENCY_BOUNDS_US.len() + 1);
         assert!(counts.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[tokio::test]
+    async fn user_frames_skip_the_shard_queue_only_when_it_is_empty() {
+        let registry = Registry::start(1 << 20);
+        let h = Arc::new(Handle::new(None));
+        registry.register(Arc::from("u"), h.clone()).expect("open");
+        let mut out = VecDeque::new();
+        let one = FrameBuilder {
+            data: b"1",
+            ..builder()
+        };
+        let two = FrameBuilder {
+            data: b"2",
+            ..builder()
+        };
+        // Nothing queued: the frame is in the mailbox as soon as route returns.
+        registry.route(&Target::User("u".into()), &one).await;
+        assert!(h.drain_into(&mut out).is_some());
+        assert_eq!(out.len(), 1);
+        out.clear();
+        // A broadcast still queued for the shard: the user's frame queues behind it.
+        registry.route(&Target::Broadcast, &one).await;
+        registry.route(&Target::User("u".into()), &two).await;
+        registry.flush().await;
+        h.drain_into(&mut out);
+        let data: Vec<bool> = out.iter().map(|f| f.ends_with(b"\"data\":1}")).collect();
+        assert_eq!(
+            data,
+            [true, false],
+            "broadcast first, then the user's frame"
+        );
+        assert_eq!(
+            registry.route(&Target::User("nobody".into()), &one).await,
+            Outcome::NoRecipient
+        );
     }
 
     #[test]
