@@ -204,7 +204,7 @@ async fn restart_scenario() {
     ];
     let body = |i: u64, phase: &str| {
         let data = json!({ "i": i, "phase": phase });
-        let v = if i % 5 == 0 {
+        let v = if i.is_multiple_of(5) {
             to_all("seq", data)
         } else {
             to_user("u", "seq", data)
@@ -306,7 +306,7 @@ async fn restart_scenario() {
 
     // Every confirmed message, once each, in order, on every connection it was meant for.
     let confirmed = confirmed.lock().clone();
-    let broadcasts: BTreeSet<u64> = confirmed.iter().copied().filter(|i| i % 5 == 0).collect();
+    let broadcasts: BTreeSet<u64> = confirmed.iter().copied().filter(|i| i.is_multiple_of(5)).collect();
     let mut report = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut lost_total = 0;

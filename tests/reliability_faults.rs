@@ -204,7 +204,7 @@ async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
         for chunk in 0..total / 5 {
             tick.tick().await;
             for i in chunk * 5..chunk * 5 + 5 {
-                let msg = if i % 10 == 0 {
+                let msg = if i.is_multiple_of(10) {
                     to_all("seq", json!({ "i": i }))
                 } else {
                     to_user("u", "seq", json!({ "i": i }))
