@@ -306,7 +306,11 @@ async fn restart_scenario() {
 
     // Every confirmed message, once each, in order, on every connection it was meant for.
     let confirmed = confirmed.lock().clone();
-    let broadcasts: BTreeSet<u64> = confirmed.iter().copied().filter(|i| i.is_multiple_of(5)).collect();
+    let broadcasts: BTreeSet<u64> = confirmed
+        .iter()
+        .copied()
+        .filter(|i| i.is_multiple_of(5))
+        .collect();
     let mut report = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut lost_total = 0;

@@ -578,7 +578,11 @@ fn arbitrary_bytes_never_panic_and_every_rejection_has_a_reason() {
         ];
         runner()
             .run(&strategy, |body| {
-                let max = if body.len().is_multiple_of(7) { 64 } else { MAX };
+                let max = if body.len().is_multiple_of(7) {
+                    64
+                } else {
+                    MAX
+                };
                 let ending = check(&body, max, &tally)?;
                 same_data_as_serde(&body, &ending, &tally)
             })
