@@ -10,7 +10,6 @@
 //! Mailboxes are emptied between iterations, outside the timed part. `cargo bench --bench
 //! registry`.
 
-use std::collections::VecDeque;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,14 +59,11 @@ fn setup() -> Setup {
 
 impl Setup {
     fn drain(&self) -> usize {
-        let mut out = VecDeque::new();
-        let mut n = 0;
-        for h in &self.handles {
-            h.drain_into(&mut out);
-            n += out.len();
-            out.clear();
-        }
-        n
+        self.handles
+            .iter()
+            .filter_map(|h| h.take_frames())
+            .map(|(frames, _)| frames.len())
+            .sum()
     }
 }
 

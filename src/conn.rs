@@ -12,7 +12,8 @@
 //! * **Writing** notification frames bypasses the codec: a [`Frame`](crate::frame::Frame) is
 //!   already complete wire bytes, shared by every recipient, so the task moves its mailbox
 //!   into a local queue and hands the frames to one `writev(2)` — no copy, no per-connection
-//!   write buffer, one syscall per burst. The queue is freed once it is empty.
+//!   write buffer, one syscall per burst. The queue, with everything else a write needs, lives
+//!   in an [`Outgoing`] box that exists only while something waits for the socket.
 //! * Control frames (our pings, tungstenite's pongs and close frames) go to a small side
 //!   buffer that is written only between whole data frames, so the two never interleave.
 //! * No `split()`, no channel and no timer per connection: the registry's [`Handle`] carries
@@ -49,12 +50,24 @@ const MAX_CTRL_BYTES: usize = 16 * 1024;
 /// The socket and what waits to be written to it.
 pub struct Wire {
     sock: TcpStream,
-    /// Notification frames waiting for the socket; `front_off` bytes of the first are written.
+    /// Allocated while anything waits for the socket, freed once it is all written: an idle
+    /// connection carries one pointer for its whole write side.
+    pending: Option<Box<Outgoing>>,
+}
+
+/// What waits for a connection's socket.
+#[derive(Default)]
+struct Outgoing {
+    /// Notification frames; `front_off` bytes of the first are written.
     out: VecDeque<Bytes>,
     front_off: usize,
-    /// Control frames waiting for the socket; `ctrl_off` bytes are written.
+    /// Control frames; `ctrl_off` bytes are written.
     ctrl: Vec<u8>,
     ctrl_off: usize,
+    /// When the oldest frame in `out` entered routing ([`Registry::clock`]).
+    ///
+    /// [`Registry::clock`]: crate::registry::Registry::clock
+    since: Option<u32>,
 }
 
 /// tungstenite's side of a connection: the codec with its protocol state (close handshake,
@@ -95,7 +108,7 @@ impl Reader {
 struct Feed<'a> {
     input: &'a [u8],
     eof: bool,
-    ctrl: &'a mut Vec<u8>,
+    pending: &'a mut Option<Box<Outgoing>>,
 }
 
 impl Read for Feed<'_> {
@@ -116,7 +129,10 @@ impl Read for Feed<'_> {
 
 impl Write for Feed<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.ctrl.extend_from_slice(buf);
+        if !buf.is_empty() {
+            let p = self.pending.get_or_insert_with(Box::default);
+            p.ctrl.extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
 
@@ -194,38 +210,50 @@ fn leading_pongs(buf: &[u8]) -> usize {
 struct Written {
     frames: u64,
     bytes: usize,
+    /// The queue emptied: when its oldest frame entered routing.
+    since: Option<u32>,
 }
 
 impl Wire {
+    fn pending(&mut self) -> &mut Outgoing {
+        self.pending.get_or_insert_with(Box::default)
+    }
+
+    /// Control bytes not yet written.
+    fn ctrl_backlog(&self) -> usize {
+        self.pending
+            .as_ref()
+            .map_or(0, |p| p.ctrl.len() - p.ctrl_off)
+    }
+
     /// Writes control bytes and queued frames until done or the socket is full.
     fn poll_write_out(&mut self, cx: &mut Context<'_>, done: &mut Written) -> Poll<io::Result<()>> {
         loop {
-            let result = if self.front_off == 0 && self.ctrl_off < self.ctrl.len() {
-                self.sock
-                    .try_write(&self.ctrl[self.ctrl_off..])
-                    .inspect(|&n| {
-                        self.ctrl_off += n;
-                        if self.ctrl_off == self.ctrl.len() {
-                            self.ctrl = Vec::new();
-                            self.ctrl_off = 0;
-                        }
-                    })
-            } else if let Some(front) = self.out.front() {
+            let Some(p) = self.pending.as_deref_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            let result = if p.front_off == 0 && p.ctrl_off < p.ctrl.len() {
+                self.sock.try_write(&p.ctrl[p.ctrl_off..]).inspect(|&n| {
+                    p.ctrl_off += n;
+                    if p.ctrl_off == p.ctrl.len() {
+                        p.ctrl = Vec::new();
+                        p.ctrl_off = 0;
+                    }
+                })
+            } else if let Some(front) = p.out.front() {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                slices[0] = IoSlice::new(&front[self.front_off..]);
+                slices[0] = IoSlice::new(&front[p.front_off..]);
                 let mut n = 1;
-                for f in self.out.iter().skip(1).take(MAX_IOVECS - 1) {
+                for f in p.out.iter().skip(1).take(MAX_IOVECS - 1) {
                     slices[n] = IoSlice::new(f);
                     n += 1;
                 }
                 self.sock
                     .try_write_vectored(&slices[..n])
-                    .inspect(|&written| self.consume(written, done))
+                    .inspect(|&written| p.consume(written, done))
             } else {
-                // Everything is out; give the queue's memory back.
-                if self.out.capacity() > 0 {
-                    self.out = VecDeque::new();
-                }
+                // Everything is out; give the memory back.
+                self.pending = None;
                 return Poll::Ready(Ok(()));
             };
             match result {
@@ -242,7 +270,9 @@ impl Wire {
             }
         }
     }
+}
 
+impl Outgoing {
     fn consume(&mut self, mut n: usize, done: &mut Written) {
         while n > 0 {
             let Some(front) = self.out.front() else {
@@ -255,6 +285,9 @@ impl Wire {
                 done.bytes += front.len();
                 self.out.pop_front();
                 self.front_off = 0;
+                if self.out.is_empty() {
+                    done.since = self.since.take();
+                }
             } else {
                 self.front_off += n;
                 n = 0;
@@ -292,10 +325,6 @@ pub struct Conn {
     wire: Wire,
     /// tungstenite, only while the peer has something in progress (see [`Reader`]).
     reader: Option<Box<Reader>>,
-    /// When the oldest frame in `wire.out` entered routing ([`Registry::clock`]).
-    ///
-    /// [`Registry::clock`]: crate::registry::Registry::clock
-    out_since: Option<u32>,
     handle: Arc<Handle>,
     key: ConnKey,
     shared: Arc<Shared>,
@@ -333,10 +362,7 @@ impl Conn {
     ) -> Conn {
         let wire = Wire {
             sock,
-            out: VecDeque::new(),
-            front_off: 0,
-            ctrl: Vec::new(),
-            ctrl_off: 0,
+            pending: None,
         };
         // Bytes the client sent right behind its request are scanned on the first poll.
         let reader = (!rest.is_empty()).then(|| {
@@ -348,7 +374,6 @@ impl Conn {
         Conn {
             wire,
             reader,
-            out_since: None,
             handle,
             key,
             shared,
@@ -363,16 +388,20 @@ impl Conn {
         if matches!(self.phase, Phase::Closing { .. }) {
             return;
         }
-        let wire = &mut self.wire;
-        let partial = if wire.front_off > 0 {
-            wire.out.pop_front()
-        } else {
-            None
-        };
-        self.handle.discard_queued(&mut wire.out);
-        self.out_since = None;
-        if let Some(f) = partial {
-            wire.out.push_back(f);
+        match self.wire.pending.as_deref_mut() {
+            Some(p) => {
+                let partial = if p.front_off > 0 {
+                    p.out.pop_front()
+                } else {
+                    None
+                };
+                self.handle.discard_queued(&mut p.out);
+                p.since = None;
+                if let Some(f) = partial {
+                    p.out.push_back(f);
+                }
+            }
+            None => self.handle.discard_queued(&mut VecDeque::new()),
         }
         // Writes into `ctrl`, which cannot fail; an error only means tungstenite already
         // considers the socket closed.
@@ -382,7 +411,7 @@ impl Conn {
         let mut feed = Feed {
             input: &[],
             eof: false,
-            ctrl: &mut self.wire.ctrl,
+            pending: &mut self.wire.pending,
         };
         let _ = reader.ctx.close(
             &mut feed,
@@ -425,7 +454,7 @@ impl Conn {
             self.phase = Phase::Draining;
         }
         if sig & signal::PING != 0 && matches!(self.phase, Phase::Open | Phase::Draining) {
-            self.wire.ctrl.extend_from_slice(PING);
+            self.wire.pending().ctrl.extend_from_slice(PING);
         }
         false
     }
@@ -441,7 +470,7 @@ impl Conn {
         loop {
             // Every ping read queues a pong: while they are backed up, leave the peer's frames
             // in the kernel (TCP backpressure) and do not count it as alive.
-            if self.wire.ctrl.len() - self.wire.ctrl_off > MAX_CTRL_BYTES {
+            if self.wire.ctrl_backlog() > MAX_CTRL_BYTES {
                 return ReadEnd::Paused;
             }
             let read = SCRATCH.with_borrow_mut(|buf| {
@@ -515,7 +544,7 @@ impl Conn {
         let mut feed = Feed {
             input: &bytes[..whole],
             eof,
-            ctrl: &mut self.wire.ctrl,
+            pending: &mut self.wire.pending,
         };
         let end = loop {
             match reader.ctx.read(&mut feed) {
@@ -586,8 +615,14 @@ impl Future for Conn {
 
         match this.phase {
             Phase::Open | Phase::Draining => {
-                if let Some(born) = this.handle.drain_into(&mut this.wire.out) {
-                    this.out_since.get_or_insert(born);
+                if let Some((frames, born)) = this.handle.take_frames() {
+                    let p = this.wire.pending();
+                    if p.out.is_empty() {
+                        p.out = frames;
+                    } else {
+                        p.out.extend(frames);
+                    }
+                    p.since.get_or_insert(born);
                 }
             }
             Phase::Closing { .. } => this.handle.discard_queued(&mut VecDeque::new()),
@@ -622,9 +657,7 @@ impl Future for Conn {
                     .metrics
                     .bytes_sent
                     .fetch_add(done.bytes as u64, Ordering::Relaxed);
-                if this.wire.out.is_empty()
-                    && let Some(born) = this.out_since.take()
-                {
+                if let Some(born) = done.since {
                     this.shared.registry.record_delivery(this.key, born);
                 }
             }
@@ -645,6 +678,43 @@ impl Future for Conn {
                 }
                 _ => Poll::Pending,
             };
+        }
+    }
+}
+
+/// A socket's whole task: its handshake (boxed, so its memory is freed once it is done), then
+/// the connection it upgraded to.
+///
+/// Written out by hand because the obvious `async { if let Some(c) = hs.await { c.await } }`
+/// keeps the `Conn` twice in its state (the binding and the value being awaited) and its
+/// captured variables for the task's whole life: that is what sizes every idle connection's
+/// task allocation. This one is a `Conn` and a tag (tokio then allocates 256 B per task).
+pub enum Task<F> {
+    Handshake(Pin<Box<F>>),
+    Open(Conn),
+    Done,
+}
+
+impl<F: Future<Output = Option<Conn>>> Future for Task<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Task::Handshake(h) => match h.as_mut().poll(cx) {
+                    Poll::Ready(Some(conn)) => *this = Task::Open(conn),
+                    Poll::Ready(None) => *this = Task::Done,
+                    Poll::Pending => return Poll::Pending,
+                },
+                Task::Open(conn) => {
+                    if Pin::new(conn).poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    *this = Task::Done;
+                }
+                Task::Done => return Poll::Ready(()),
+            }
         }
     }
 }

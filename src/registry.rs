@@ -131,20 +131,14 @@ impl Handle {
         self.waker.register(waker);
     }
 
-    /// Moves every queued frame into `out` (a swap when `out` is empty: no copying). Returns
-    /// when the oldest of them entered routing ([`Registry::clock`]), if there were any.
-    pub fn drain_into(&self, out: &mut VecDeque<Bytes>) -> Option<u32> {
+    /// Takes every queued frame (the queue itself, no copying), with when the oldest of them
+    /// entered routing ([`Registry::clock`]); `None` if there are none.
+    pub fn take_frames(&self) -> Option<(VecDeque<Bytes>, u32)> {
         let mut mb = self.mailbox.lock();
         if mb.frames.is_empty() {
             return None;
         }
-        if out.is_empty() {
-            std::mem::swap(&mut mb.frames, out);
-        } else {
-            out.extend(mb.frames.drain(..));
-            mb.frames = VecDeque::new();
-        }
-        Some(mb.since)
+        Some((std::mem::take(&mut mb.frames), mb.since))
     }
 
     /// Drops everything queued (slow consumer being closed).
@@ -661,12 +655,10 @@ mod tests {
             Outcome::Delivered
         );
         registry.flush().await;
-        let mut out = VecDeque::new();
         for (i, (h, key)) in handles.iter().enumerate() {
-            let born = h.drain_into(&mut out).expect("frames queued");
+            let (out, born) = h.take_frames().expect("frames queued");
             let want = if i % 50 == 7 { 2 } else { 1 };
             assert_eq!(out.len(), want, "connection {i}");
-            out.clear();
             registry.record_delivery(*key, born);
         }
         let mut text = String::new();
@@ -689,7 +681,6 @@ mod tests {
         let registry = Registry::start(1 << 20);
         let h = Arc::new(Handle::new(None));
         registry.register(Arc::from("u"), h.clone()).expect("open");
-        let mut out = VecDeque::new();
         let one = FrameBuilder {
             data: b"1",
             ..builder()
@@ -700,14 +691,12 @@ mod tests {
         };
         // Nothing queued: the frame is in the mailbox as soon as route returns.
         registry.route(&Target::User("u".into()), &one).await;
-        assert!(h.drain_into(&mut out).is_some());
-        assert_eq!(out.len(), 1);
-        out.clear();
+        assert_eq!(h.take_frames().expect("queued").0.len(), 1);
         // A broadcast still queued for the shard: the user's frame queues behind it.
         registry.route(&Target::Broadcast, &one).await;
         registry.route(&Target::User("u".into()), &two).await;
         registry.flush().await;
-        h.drain_into(&mut out);
+        let (out, _) = h.take_frames().expect("queued");
         let data: Vec<bool> = out.iter().map(|f| f.ends_with(b"\"data\":1}")).collect();
         assert_eq!(
             data,
