@@ -451,6 +451,13 @@ impl Registry {
                 }
             }
         }
+        if delivered && !matches!(target, Target::Broadcast) {
+            // The recipients' tasks were just woken on this thread (tokio runs the last one
+            // woken next, and no other thread may take it): let them write now rather than
+            // after the caller has routed its next messages (see BENCHMARKS.md: the delivery
+            // latency's tail at a steady unicast rate).
+            tokio::task::yield_now().await;
+        }
         if delivered {
             Outcome::Delivered
         } else {
