@@ -4,7 +4,7 @@
 //! gauges return to zero and RSS returns to within 10 % of its post-warm-up baseline.
 //!
 //! `WSNOTIFY_SOAK=1` runs it for 5 minutes after a 30 s warm-up (10 rounds; `WSNOTIFY_SOAK_SECS`
-//! to choose); by default it runs 2 rounds of 4 s after a 6 s warm-up, for CI.
+//! to choose); by default it runs 2 rounds of 4 s after a 5 s warm-up, for CI.
 
 mod common;
 mod reliability_support;
@@ -137,17 +137,22 @@ async fn churn(addr: std::net::SocketAddr, run: Duration, c: Arc<Counts>) {
 }
 
 /// Waits until the gateway holds no connection and no socket but the scrape itself, then
-/// lets the allocator settle (mimalloc returns freed pages after a short delay) and reads RSS.
-async fn settled_rss(gw: &Gateway) -> u64 {
+/// reads RSS and open descriptors. mimalloc returns freed pages after a delay, and only from a
+/// thread that allocates again, and a socket just answered may still be closing: give every
+/// worker a little work a few times, and take the lowest readings.
+async fn settled(gw: &Gateway) -> (u64, usize) {
     gw.wait_metric("wsnotify_connections", 0).await;
     gw.wait_metric("wsnotify_users", 0).await;
     gw.wait_metric("wsnotify_sockets", 1).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // A little allocation activity lets mimalloc run its delayed purge.
-    for _ in 0..5 {
-        gw.get("/healthz").await;
+    let (mut rss, mut fds) = (u64::MAX, usize::MAX);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let probes: Vec<_> = (0..16).map(|_| gw.get("/healthz")).collect();
+        futures_util::future::join_all(probes).await;
+        rss = rss.min(rss_kib(gw.pid()));
+        fds = fds.min(open_fds(gw.pid()));
     }
-    rss_kib(gw.pid())
+    (rss, fds)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +163,7 @@ async fn connection_churn_leaves_no_connection_and_no_memory_behind() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if soak { 300 } else { 8 });
     let rounds: u64 = if soak { 10 } else { 2 };
-    let warm_up = Duration::from_secs(if soak { 30 } else { 6 });
+    let warm_up = Duration::from_secs(if soak { 30 } else { 5 });
     let q = unique("churn");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -192,8 +197,7 @@ async fn connection_churn_leaves_no_connection_and_no_memory_behind() {
     let counts = Arc::new(Counts::default());
     let t = Instant::now();
     churn(gw.addr, warm_up, counts.clone()).await;
-    let baseline = settled_rss(&gw).await;
-    let fds = open_fds(gw.pid());
+    let (baseline, fds) = settled(&gw).await;
     let warm = counts.cycles.load(Ordering::Relaxed);
     eprintln!(
         "churn: warm-up {warm} cycles in {:?}; baseline RSS {baseline} KiB, {fds} descriptors",
@@ -204,7 +208,7 @@ async fn connection_churn_leaves_no_connection_and_no_memory_behind() {
     let t = Instant::now();
     for round in 0..rounds {
         churn(gw.addr, Duration::from_secs(total / rounds), counts.clone()).await;
-        let rss = settled_rss(&gw).await;
+        let (rss, fds_now) = settled(&gw).await;
         eprintln!(
             "churn: round {} done at {:?}, {} cycles so far; RSS {rss} KiB ({:+.1} % of baseline)",
             round + 1,
@@ -213,7 +217,10 @@ async fn connection_churn_leaves_no_connection_and_no_memory_behind() {
             (rss as f64 / baseline as f64 - 1.0) * 100.0
         );
         samples.push(rss);
-        assert_eq!(open_fds(gw.pid()), fds, "descriptors leaked");
+        assert!(
+            fds_now <= fds,
+            "descriptors leaked: {fds_now} open, {fds} after warm-up"
+        );
     }
     streaming.store(false, Ordering::Relaxed);
     let broadcasts = stream.await.unwrap();
