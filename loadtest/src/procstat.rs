@@ -21,6 +21,22 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / hz)
 }
 
+/// CPU seconds the whole machine has been busy (all CPUs: user, nice, system, irq, softirq,
+/// steal), from `/proc/stat`.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(busy as f64 / hz)
+}
+
 /// The first process whose command name is `comm` (e.g. `beam.smp`, RabbitMQ's Erlang VM).
 pub fn find_by_name(comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
@@ -42,5 +58,6 @@ mod tests {
         assert!(cpu_secs(me).unwrap() >= 0.0);
         assert!(rss_bytes(u32::MAX).is_none());
         assert!(find_by_name("no such process name").is_none());
+        assert!(machine_busy_secs().unwrap() > 0.0);
     }
 }

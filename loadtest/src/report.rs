@@ -109,6 +109,13 @@ fn figures() -> Vec<Figure> {
             get: |r| r.sustained.as_ref().map(|d| d.client_cores),
         },
         Figure {
+            name: "sustained cores: everything else",
+            unit: "",
+            target: None,
+            better: Info,
+            get: |r| r.sustained.as_ref().and_then(|d| d.other_cores),
+        },
+        Figure {
             name: "sustained complete",
             unit: "%",
             target: Some(100.0),
@@ -170,6 +177,13 @@ fn figures() -> Vec<Figure> {
             target: None,
             better: Info,
             get: |r| r.unicast.as_ref().map(|d| d.client_cores),
+        },
+        Figure {
+            name: "unicast cores: everything else",
+            unit: "",
+            target: None,
+            better: Info,
+            get: |r| r.unicast.as_ref().and_then(|d| d.other_cores),
         },
         Figure {
             name: "unicast gateway share p99 (metrics)",

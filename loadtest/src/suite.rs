@@ -155,6 +155,9 @@ pub struct Delivery {
     pub server_cores: Option<f64>,
     pub broker_cores: Option<f64>,
     pub client_cores: f64,
+    /// Everything else on the machine (other processes, the kernel's own work): busy cores
+    /// from `/proc/stat` minus the three above. Large values mean a noisy run.
+    pub other_cores: Option<f64>,
     /// The server's own delivery latency from its `/metrics` (bucket upper bound), if exposed.
     pub gateway_p99_us: Option<f64>,
     pub gateway_p50_us: Option<f64>,
@@ -494,6 +497,7 @@ impl Suite {
         let gw0 = self.gateway_hist().await;
         let cpu0 = self.cpu();
         let broker0 = self.cfg.broker_pid.and_then(cpu_secs);
+        let machine0 = crate::procstat::machine_busy_secs();
         let open = self.open_now().max(0) as u64;
         let t0 = now_us();
         let started = Instant::now();
@@ -542,6 +546,7 @@ impl Suite {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let cpu1 = self.cpu();
         let broker1 = self.cfg.broker_pid.and_then(cpu_secs);
+        let machine1 = crate::procstat::machine_busy_secs();
         let wall = started.elapsed().as_secs_f64();
         let gw1 = self.gateway_hist().await;
         let reports = self.reports().await?;
@@ -583,6 +588,14 @@ impl Suite {
             client_cores: (client_cpu1 - client_cpu0) / wall,
             ..Default::default()
         };
+        if let (Some(a), Some(b)) = (machine0, machine1) {
+            d.other_cores = Some(
+                (b - a) / wall
+                    - d.server_cores.unwrap_or(0.0)
+                    - d.broker_cores.unwrap_or(0.0)
+                    - d.client_cores,
+            );
+        }
         if let (Some(a), Some(b)) = (gw0, gw1) {
             let delta = crate::prom::delta(&a, &b);
             if let Some((p99, samples)) = crate::prom::quantile(&delta, 0.99) {
