@@ -90,9 +90,30 @@ fn main() -> ExitCode {
 fn runtime() -> Option<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(give_back_memory)
         .build()
         .inspect_err(|e| eprintln!("wsnotify: cannot start the runtime: {e}"))
         .ok()
+}
+
+/// Lets mimalloc return freed pages to the OS when a worker goes idle, at most once a second
+/// per thread. mimalloc v3 otherwise keeps freed memory until that thread allocates again,
+/// so RSS would stay at its peak after a burst or after clients leave (see BENCHMARKS.md).
+fn give_back_memory() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    LAST.with(|last| {
+        let now = Instant::now();
+        if last
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            last.set(Some(now));
+            // SAFETY: mi_collect only walks this thread's heap; it has no preconditions.
+            unsafe { libmimalloc_sys::mi_collect(false) };
+        }
+    });
 }
 
 /// SIGTERM (orchestrators) or SIGINT (a terminal).

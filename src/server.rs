@@ -147,12 +147,11 @@ impl Listener {
         set_send_buffer(&sock, SEND_BUFFER_BYTES);
         let shared = shared.clone();
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let handshake = Box::pin(handshake(sock, shared, slot, shutdown));
-            if let Some(conn) = handshake.await {
-                conn.await;
-            }
-        });
+        // A hand-written task future: the handshake is boxed and freed once the socket is
+        // upgraded, so an idle connection's task holds only its `Conn` (see `conn::Task`).
+        tokio::spawn(crate::conn::Task::Handshake(Box::pin(handshake(
+            sock, shared, slot, shutdown,
+        ))));
     }
 }
 
@@ -255,7 +254,8 @@ async fn handshake(
             answer(&mut sock, r).await
         }
         ("GET", "/metrics") => {
-            let body = shared.metrics.render(shared.gauges());
+            let mut body = shared.metrics.render(shared.gauges());
+            shared.registry.render_metrics(&mut body);
             let r = Response {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -365,9 +365,21 @@ fn valid_key(key: Option<&str>) -> bool {
     })
 }
 
+/// Listen backlog: tokio's `TcpListener::bind` uses 128, which drops SYNs (1 s client
+/// retransmits) when thousands of clients reconnect at once after a replica restarts.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds the listening socket, naming the address in the error.
 pub async fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .inspect_err(|e| error!(%addr, error = %e, "cannot listen"))
+    let listen = || -> io::Result<TcpListener> {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(LISTEN_BACKLOG)
+    };
+    listen().inspect_err(|e| error!(%addr, error = %e, "cannot listen"))
 }

@@ -173,12 +173,14 @@ impl Wire {
     }
 }
 
-/// Remembers the ids and fingerprints of the last `capacity` messages.
+/// Remembers the ids and fingerprints of the last `capacity` messages, as 128-bit keyed
+/// hashes (two random-keyed SipHashes): 16 bytes a key instead of a string per key.
 #[derive(Debug)]
 pub struct Dedupe {
     capacity: usize,
-    seen: HashSet<String>,
-    order: VecDeque<String>,
+    seen: HashSet<u128>,
+    order: VecDeque<u128>,
+    keys: (std::hash::RandomState, std::hash::RandomState),
 }
 
 impl Dedupe {
@@ -187,13 +189,21 @@ impl Dedupe {
             capacity: capacity.max(1),
             seen: HashSet::new(),
             order: VecDeque::new(),
+            keys: (std::hash::RandomState::new(), std::hash::RandomState::new()),
         }
+    }
+
+    fn key(&self, kind: u8, s: &str) -> u128 {
+        use std::hash::BuildHasher;
+        let hi = self.keys.0.hash_one((kind, s));
+        let lo = self.keys.1.hash_one((kind, s));
+        (u128::from(hi) << 64) | u128::from(lo)
     }
 
     /// True if `msg` is a copy of one already delivered; otherwise remembers it.
     pub fn is_duplicate(&mut self, msg: &Wire) -> bool {
-        let id_key = format!("i:{}", msg.id);
-        let fp_key = format!("f:{}", msg.fingerprint);
+        let id_key = self.key(b'i', &msg.id);
+        let fp_key = self.key(b'f', &msg.fingerprint);
         if self.seen.contains(&id_key) || (msg.redelivered && self.seen.contains(&fp_key)) {
             return true;
         }
@@ -202,8 +212,8 @@ impl Dedupe {
         false
     }
 
-    fn remember(&mut self, key: String) {
-        if self.seen.insert(key.clone()) {
+    fn remember(&mut self, key: u128) {
+        if self.seen.insert(key) {
             self.order.push_back(key);
         }
         while self.order.len() > self.capacity * 2 {
