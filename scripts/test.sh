@@ -37,6 +37,13 @@ if [ -f client/package.json ]; then
   passed=$((passed + p)); failed=$((failed + f))
 fi
 
+# Last, alone: this test stops and restarts the shared RabbitMQ (see tests/broker_restart.rs).
+log "broker restart fault test (stops RabbitMQ for 10 s; runs alone)"
+cargo test --locked --test broker_restart -- --ignored --test-threads=1 2>&1 | tee "$out"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+count_cargo
+ensure_rabbitmq || status=1
+
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 echo
 echo "tests: $passed passed, $failed failed"
