@@ -331,7 +331,12 @@ impl Consumer {
             replica_args.insert(k3, FieldValue::from("drop-head"));
         }
         ch.queue_declare(
+            // Durable, with persistent copies: the queue and its binding survive a broker
+            // restart, so whichever replica takes the backlog first fans it out into every
+            // replica's queue, not only its own (tests/broker_restart.rs). `x-expires` still
+            // removes the queue of a replica that is gone for good.
             QueueDeclareArguments::new(&cfg.replica_queue)
+                .durable(true)
                 .arguments(replica_args)
                 .finish(),
         )

@@ -189,8 +189,8 @@ pub struct Config {
     )]
     pub max_client_frame_bytes: usize,
 
-    /// Per-socket read buffer. Small on purpose: clients send little, and every idle socket
-    /// keeps this many bytes resident.
+    /// Read buffer of a connection's WebSocket codec. The codec exists only while a client is
+    /// in the middle of sending something other than a pong; idle sockets hold none.
     #[arg(
         long,
         env = "READ_BUFFER_BYTES",

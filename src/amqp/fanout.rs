@@ -86,8 +86,8 @@ impl Wire {
         }
     }
 
-    /// Properties for the fanout publish. Transient: replica queues are not durable, and the
-    /// ingest queue still holds the message until the publish is confirmed.
+    /// Properties for the fanout publish: persistent, so copies waiting in replica queues
+    /// survive a broker restart (the queues are durable for the same reason).
     pub fn properties(&self) -> BasicProperties {
         let mut h = FieldTable::new();
         let mut put = |k: &str, v: FieldValue| {
@@ -115,6 +115,7 @@ impl Wire {
         }
         BasicProperties::default()
             .with_content_type("application/json")
+            .with_persistence(true)
             .with_message_id(&self.id)
             .with_headers(h)
             .finish()
