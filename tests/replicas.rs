@@ -203,6 +203,22 @@ fn stream(
     })
 }
 
+/// Waits until the stream has published `n` messages in all.
+async fn published_at_least(count: &AtomicU64, n: u64, what: &str) {
+    within(what, async {
+        while count.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Waits until the stream has published `n` more messages.
+async fn published_more(count: &AtomicU64, n: u64) {
+    let at = count.load(Ordering::Relaxed);
+    published_at_least(count, at + n, "the stream to go on").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_taker_mid_stream_loses_and_duplicates_nothing_for_the_others() {
     let q = unique("kill9");
@@ -230,19 +246,9 @@ async fn killing_the_taker_mid_stream_loses_and_duplicates_nothing_for_the_other
         stop.clone(),
         count.clone(),
     );
-    within("the stream to be under way", async {
-        while count.load(Ordering::Relaxed) < 600 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    published_at_least(&count, 600, "the stream to be under way").await;
     gws[victim].signal(libc::SIGKILL);
-    within("more messages after the kill", async {
-        while count.load(Ordering::Relaxed) < 1500 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    published_at_least(&count, 1500, "more messages after the kill").await;
     stop.store(true, Ordering::Relaxed);
     publisher.await.unwrap();
     let total = count.load(Ordering::Relaxed) as i64;
@@ -291,13 +297,7 @@ async fn rolling_restart_keeps_users_of_the_other_replicas_whole() {
     let mut placement = [0, 1, 2];
 
     for r in 0..3 {
-        let at = count.load(Ordering::Relaxed);
-        within("progress", async {
-            while count.load(Ordering::Relaxed) < at + 200 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
+        published_more(&count, 200).await;
         gws[r].signal(libc::SIGTERM);
         // Every user on that replica is told it is going away, and reconnects (through the
         // load balancer) to a replica that is up.
@@ -315,13 +315,7 @@ async fn rolling_restart_keeps_users_of_the_other_replicas_whole() {
         assert_eq!(gws[r].wait_exit(Duration::from_secs(20)).await, Some(0));
         gws[r] = Gateway::start(&q, &[]).await;
     }
-    let at = count.load(Ordering::Relaxed);
-    within("progress after the restarts", async {
-        while count.load(Ordering::Relaxed) < at + 200 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    published_more(&count, 200).await;
     stop.store(true, Ordering::Relaxed);
     publisher.await.unwrap();
     let total = count.load(Ordering::Relaxed) as i64;
