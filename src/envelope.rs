@@ -92,13 +92,6 @@ impl Parser {
     }
 }
 
-/// Parses `buf` in place (it is rewritten) and validates it. For one-off use; the consumer
-/// keeps a [`Parser`].
-pub fn parse_in_place(buf: &mut [u8]) -> Result<Envelope<'_>, Invalid> {
-    let value = simd_json::to_borrowed_value(buf).map_err(|e| invalid(format!("not_json: {e}")))?;
-    validate(value)
-}
-
 fn validate(value: Value<'_>) -> Result<Envelope<'_>, Invalid> {
     let Value::Object(mut top) = value else {
         return Err(invalid("not_an_object: the body must be a JSON object"));

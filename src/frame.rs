@@ -30,14 +30,6 @@ pub const PING: &[u8] = &[0x89, 0x00];
 pub struct Frame(Bytes);
 
 impl Frame {
-    /// Wraps an already encoded JSON text as a frame.
-    pub fn text(json: &[u8]) -> Frame {
-        let mut buf = Vec::with_capacity(HEADER_ROOM + json.len());
-        buf.resize(HEADER_ROOM, 0);
-        buf.extend_from_slice(json);
-        finish(buf)
-    }
-
     /// The bytes to write to the socket.
     pub fn wire(&self) -> &Bytes {
         &self.0

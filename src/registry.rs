@@ -93,12 +93,12 @@ impl Handle {
     /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
     /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
     /// the frame is dropped for it alone.
-    fn push(&self, frame: &Bytes, born: u32, limit: usize) -> bool {
+    fn push(&self, frame: &Bytes, born: u32, limit: usize) {
         let len = frame.len();
         if self.queued.fetch_add(len, Ordering::AcqRel) + len > limit {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             self.signal(signal::OVERFLOW);
-            return false;
+            return;
         }
         let was_empty = {
             let mut mb = self.mailbox.lock();
@@ -114,7 +114,6 @@ impl Handle {
         if was_empty {
             self.waker.wake();
         }
-        true
     }
 
     pub fn signal(&self, bits: u8) {
@@ -239,8 +238,6 @@ pub struct Registry {
     /// Keepalive clock: one tick per ping interval.
     tick: AtomicU32,
     queue_limit: usize,
-    /// Connections whose mailbox overflowed since start (for tests and metrics).
-    pub overflows: AtomicU64,
 }
 
 /// What became of a routed message.
@@ -281,7 +278,6 @@ impl Registry {
             closing: AtomicBool::new(false),
             tick: AtomicU32::new(0),
             queue_limit,
-            overflows: AtomicU64::new(0),
         });
         for (i, rx) in receivers.into_iter().enumerate() {
             tokio::spawn(dispatch(registry.clone(), i, rx));
@@ -422,15 +418,6 @@ impl Registry {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// True if `user` has a connection here now.
-    pub fn is_connected(&self, user: &str) -> bool {
-        self.shards[self.shard_of(user)]
-            .state
-            .lock()
-            .users
-            .contains_key(user)
-    }
-
     /// Encodes a message for its recipients and hands the frames to the shards: one frame per
     /// target user (shared by all of that user's connections), one for a broadcast. Users who
     /// are not connected cost nothing: no frame is built for them.
@@ -496,9 +483,7 @@ impl Registry {
         let mut key = head;
         while key != NIL {
             let e = &st.conns[key as usize];
-            if !e.handle.push(frame, born, self.queue_limit) {
-                self.overflows.fetch_add(1, Ordering::Relaxed);
-            }
+            e.handle.push(frame, born, self.queue_limit);
             key = e.next;
         }
     }
@@ -611,9 +596,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
                     }
                     Delivery::Broadcast { frame, born } => {
                         for (_, e) in st.conns.iter() {
-                            if !e.handle.push(&frame, born, limit) {
-                                registry.overflows.fetch_add(1, Ordering::Relaxed);
-                            }
+                            e.handle.push(&frame, born, limit);
                         }
                     }
                     Delivery::Barrier(done) => barriers.push(done),
