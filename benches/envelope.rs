@@ -2,7 +2,8 @@
 //! encode the frame, for 200 B, 2 KB and 64 KB bodies.
 //!
 //! * `simd-json DOM` is the gateway's code as it runs ([`Parser::parse`] over a scratch copy,
-//!   [`frame::encode_data`] re-encoding `data`, [`FrameBuilder::build`]);
+//!   [`Notification::from_envelope`] re-encoding `data` into the frame's parts, and
+//!   [`Notification::frame`]);
 //! * `serde_json RawValue` is the alternative written here: borrowed serde structs with `data`
 //!   as `&RawValue`, the exact sub-slice of the body, forwarded without re-encoding, and the same
 //!   validation rules.
@@ -16,7 +17,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use wsnotify::envelope::{MAX_ID_BYTES, MAX_MESSAGE_TYPE_BYTES, Parser, Target, valid_user_id};
-use wsnotify::frame::{self, Frame, FrameBuilder};
+use wsnotify::frame::{Frame, FrameBuf};
+use wsnotify::notification::Notification;
 
 const ID: &str = "0193a5c2-7f00-7a3e-9b1c-2f9e8d7c6b5a";
 const TS: &str = "2026-11-26T10:00:00.123Z";
@@ -42,25 +44,20 @@ fn body(size: usize) -> Vec<u8> {
     b.into_bytes()
 }
 
-fn frame_for(builder: &FrameBuilder<'_>, target: &Target<'_>) -> Frame {
-    match target {
-        Target::User(u) => builder.build(Some(u)),
-        _ => builder.build(None),
-    }
+/// The moment `TS` names.
+fn taken() -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(1_795_687_200_123_000_000).expect("time")
 }
 
 /// The gateway's path.
 fn simd(parser: &mut Parser, body: &[u8]) -> Frame {
-    let env = parser.parse(body, 1 << 20).expect("valid envelope");
-    let mut data = Vec::with_capacity(body.len());
-    frame::encode_data(env.data.as_ref(), &mut data);
-    let b = FrameBuilder {
-        id: env.id.as_deref().unwrap_or(ID),
-        message_type: &env.message_type,
-        timestamp: TS,
-        data: &data,
-    };
-    frame_for(&b, &env.target)
+    let mut env = parser.parse(body, 1 << 20).expect("valid envelope");
+    env.id.get_or_insert(ID.into());
+    let n = Notification::from_envelope(env, body, false, taken());
+    match &n.target {
+        Target::User(u) => n.frame(Some(u)),
+        _ => n.frame(None),
+    }
 }
 
 #[derive(Deserialize)]
@@ -119,13 +116,21 @@ fn serde_raw(body: &[u8]) -> Result<Frame, String> {
         return Err("id".into());
     }
     let data = p.data.map_or(&b"null"[..], |d| d.get().as_bytes());
-    let b = FrameBuilder {
-        id: p.id.as_deref().unwrap_or(ID),
-        message_type: &message_type,
-        timestamp: TS,
-        data,
-    };
-    Ok(frame_for(&b, &target))
+    let mut f = FrameBuf::with_capacity(128 + data.len());
+    f.push(b"{\"id\":");
+    f.push_str_literal(p.id.as_deref().unwrap_or(ID));
+    f.push(b",\"type\":");
+    f.push_str_literal(&message_type);
+    if let Target::User(u) = &target {
+        f.push(b",\"user_id\":");
+        f.push_str_literal(u);
+    }
+    f.push(b",\"timestamp\":");
+    f.push_str_literal(TS);
+    f.push(b",\"data\":");
+    f.push(data);
+    f.push(b"}");
+    Ok(f.finish())
 }
 
 fn bench(c: &mut Criterion) {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use wsnotify::envelope::Target;
-use wsnotify::frame::FrameBuilder;
+use wsnotify::notification::Notification;
 use wsnotify::registry::{Handle, Registry};
 
 const CONNECTIONS: usize = 10_000;
@@ -42,7 +42,7 @@ fn setup() -> Setup {
     let handles = users
         .iter()
         .map(|u| {
-            let h = Arc::new(Handle::new(None));
+            let h = Arc::new(Handle::new(None, 0));
             registry
                 .register(Arc::from(u.as_str()), h.clone())
                 .expect("registry open");
@@ -67,23 +67,30 @@ impl Setup {
     }
 }
 
-fn builder(data: &[u8]) -> FrameBuilder<'_> {
-    FrameBuilder {
-        id: "0193a5c2-7f00-7a3e-9b1c-2f9e8d7c6b5a",
-        message_type: "order_update",
-        timestamp: "2026-11-26T10:00:00.123Z",
-        data,
+/// A notification as a replica reads it from the fan-out log: its frame's parts encoded.
+fn notification(target: Target<'static>, data: &str) -> Notification {
+    Notification {
+        id: "0193a5c2-7f00-7a3e-9b1c-2f9e8d7c6b5a".into(),
+        target,
+        head: r#"{"id":"0193a5c2-7f00-7a3e-9b1c-2f9e8d7c6b5a","type":"order_update""#.into(),
+        tail: format!(r#","timestamp":"2026-11-26T10:00:00.123Z","data":{data}}}"#).into(),
+        fingerprint: [0; 16],
+        redelivered: false,
+        taken_ms: 0,
     }
 }
 
 fn bench(c: &mut Criterion) {
     let s = setup();
     let data = format!(r#"{{"message":"{}"}}"#, "x".repeat(80));
-    let b = builder(data.as_bytes());
     let mut rng = fastrand::Rng::with_seed(7);
-    let targets: Vec<Target<'_>> = (0..BATCH)
-        .map(|_| Target::User(s.users[rng.usize(..CONNECTIONS)].as_str().into()))
+    let targets: Vec<Notification> = (0..BATCH)
+        .map(|_| {
+            let user = s.users[rng.usize(..CONNECTIONS)].clone();
+            notification(Target::User(user.into()), &data)
+        })
         .collect();
+    let broadcast = notification(Target::Broadcast, &data);
 
     let mut group = c.benchmark_group("registry");
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -93,8 +100,8 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 let t = Instant::now();
                 s.rt.block_on(async {
-                    for target in &targets {
-                        black_box(s.registry.route(target, &b).await);
+                    for n in &targets {
+                        black_box(s.registry.route(n, 1).await);
                     }
                 });
                 total += t.elapsed();
@@ -110,8 +117,8 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 let t = Instant::now();
                 s.rt.block_on(async {
-                    for target in &targets {
-                        black_box(s.registry.route(target, &b).await);
+                    for n in &targets {
+                        black_box(s.registry.route(n, 1).await);
                     }
                     s.registry.flush().await;
                 });
@@ -128,7 +135,7 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 let t = Instant::now();
                 s.rt.block_on(async {
-                    black_box(s.registry.route(&Target::Broadcast, &b).await);
+                    black_box(s.registry.route(&broadcast, 1).await);
                     s.registry.flush().await;
                 });
                 total += t.elapsed();

@@ -1,96 +1,105 @@
-//! The broker side: take messages from the notify queue, fan them out to every replica, and
-//! deliver each replica's copy to its own users — across broker restarts.
+//! The broker side: take messages from the notify queue, append them to the fan-out log, and
+//! deliver the log to this replica's users — across broker restarts and node losses.
 //!
 //! ```text
-//!  backends ──▶ websocket_notifications ──▶ (one replica: ingest) ──▶ <queue>.fanout exchange
-//!               (durable, shared)            validate, id, timestamp      │  one copy per replica
-//!                    │ invalid                                           ▼
-//!                    └──▶ <queue>.dead                  <queue>.replica.<uuid>  (each replica)
-//!                                                                        │
-//!                                                           registry ◀───┘ (dedupe, route)
+//!  backends ──▶ websocket_notifications ──▶ (one replica: ingest) ──▶ <queue>.log (stream)
+//!               (durable or quorum, shared)  validate, id, timestamp,    │ every replica reads
+//!                    │ invalid               pack into records          ▼ it at its own offset
+//!                    └──▶ <queue>.dead                     history ◀── log ──▶ registry
 //! ```
 //!
-//! * [`ingest`]: one replica at a time (an exclusive consumer) validates and republishes, and
-//!   acks only after the broker confirmed the republish;
-//! * [`fanout`]: every replica consumes its own queue and routes to its local registry.
+//! * [`ingest`]: one replica at a time (it holds the lock queue `<queue>.taker`) validates and
+//!   appends records to the log, and acks only after the broker confirmed them;
+//! * [`record`]: the record format;
+//! * [`log`]: every replica follows the log, records each notification in its history and
+//!   routes it to its local registry;
+//! * [`confirm`]: publisher confirms; [`url`]: `AMQP_URL`, one or several nodes.
 //!
-//! amqprs does not reconnect by itself. [`run`] is a supervisor loop: one [`session`] per
-//! broker connection; when the link is lost the gateway reports not-ready, waits with capped
+//! amqprs does not reconnect by itself. [`run`] is a supervisor loop: one session per broker
+//! connection; when the link is lost the gateway reports not-ready, waits with capped
 //! exponential backoff (with jitter, so replicas do not reconnect in lockstep), and starts a
-//! new session, which declares its topology and consumes again. WebSocket clients are untouched
-//! throughout. A replica's queue outlives a short link loss (`x-expires`), so a replica that
-//! reconnects in time also gets what was fanned out while it was away.
+//! new session on the next node, which declares what it needs and resumes the log where it
+//! left off. WebSocket clients are untouched throughout.
+//!
+//! This module must not know about configuration parsing, sockets or HTTP.
 
 pub mod confirm;
-pub mod fanout;
 pub mod ingest;
+pub mod log;
+pub mod record;
+pub mod url;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amqprs::callbacks::ConnectionCallback;
-use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
-    ConsumerMessage, ExchangeDeclareArguments, ExchangeType, QueueBindArguments,
-    QueueDeclareArguments, QueueDeleteArguments,
-};
-use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::channel::{BasicAckArguments, BasicPublishArguments, QueueDeclareArguments};
+use amqprs::connection::Connection;
 use amqprs::{BasicProperties, Close, FieldTable, FieldValue};
 use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::history::History;
 use crate::metrics::{Metrics, inc};
-use crate::registry::{Outcome, Registry};
+use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 use confirm::ConfirmChannel;
-use fanout::Dedupe;
-use tokio::sync::{mpsc, watch};
+use log::{Follower, Read};
+use url::AmqpUrl;
 
 /// Header carrying the reason on dead-lettered messages (contract §1).
 pub const ERROR_HEADER: &str = "x-wsnotify-error";
-const HEARTBEAT_SECS: u16 = 10;
+/// Content type of the fan-out log's records.
+pub const RECORD_CONTENT_TYPE: &str = "application/vnd.wsnotify.record";
+/// Longest wait for the broker to take or confirm one of the gateway's own publishes; past
+/// it the link is treated as broken and the session starts over.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Copies a replica's queue holds for it at most (oldest dropped first) while it is away.
-const REPLICA_QUEUE_MAX_LENGTH: i64 = 100_000;
+/// The log keeps at least this long, and twice the history window (retention drops whole
+/// segments, so they are kept small enough for the age bound to bite).
+const LOG_MIN_AGE: Duration = Duration::from_secs(15 * 60);
+const LOG_MAX_BYTES: i64 = 2 << 30;
+const LOG_SEGMENT_BYTES: i64 = 32 << 20;
+/// Longest a replica leaving waits to deliver what it already took in.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Log deliveries acked at once (a stream ack only returns credit).
+const ACK_EVERY: u64 = 32;
 
-/// What the consumer needs from the configuration.
+/// What the broker side needs to know.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    pub url: String,
+    pub url: AmqpUrl,
     /// The shared notify queue backends publish to.
     pub queue: String,
     pub dead_queue: String,
-    /// Fanout exchange every replica's queue is bound to.
-    pub exchange: String,
-    /// This replica's own queue (unique per process).
-    pub replica_queue: String,
-    pub replica_queue_expires_ms: u64,
+    /// The fan-out log (a stream).
+    pub log: String,
+    /// The exclusive queue whose holder is the taker.
+    pub taker_lock: String,
+    /// How far back a starting replica reads the log (its recovery history).
+    pub history_window: Duration,
     pub dedupe_window: usize,
     pub prefetch: u16,
     pub max_message_bytes: usize,
 }
 
 impl ConsumerConfig {
-    /// `None` in standalone mode (no `AMQP_URL`).
-    pub fn from_config(c: &Config) -> Option<Self> {
-        Some(Self {
-            url: c.amqp_url.clone()?,
-            queue: c.notify_queue.clone(),
-            dead_queue: c.dead_letter_queue(),
-            exchange: format!("{}.fanout", c.notify_queue),
-            replica_queue: format!(
-                "{}.replica.{}",
-                c.notify_queue,
-                uuid::Uuid::now_v7().simple()
-            ),
-            replica_queue_expires_ms: c.replica_queue_expires_ms,
-            dedupe_window: c.dedupe_window,
-            prefetch: c.amqp_prefetch,
-            max_message_bytes: c.max_message_bytes,
-        })
+    /// The names derived from the notify queue's.
+    pub fn new(url: AmqpUrl, queue: &str) -> ConsumerConfig {
+        ConsumerConfig {
+            url,
+            queue: queue.to_owned(),
+            dead_queue: format!("{queue}.dead"),
+            log: format!("{queue}.log"),
+            taker_lock: format!("{queue}.taker"),
+            history_window: Duration::from_secs(300),
+            dedupe_window: 65_536,
+            prefetch: 256,
+            max_message_bytes: 65_536,
+        }
     }
 }
 
@@ -98,6 +107,8 @@ impl ConsumerConfig {
 #[derive(Default)]
 pub struct Link {
     publisher: parking_lot::RwLock<Option<Arc<ConfirmChannel>>>,
+    /// The broker is blocking publishers (a memory or disk alarm).
+    blocked: AtomicBool,
 }
 
 impl Link {
@@ -106,75 +117,18 @@ impl Link {
         self.publisher.read().clone()
     }
 
+    /// True while the broker refuses to take publishes (`connection.blocked`).
+    pub fn blocked(&self) -> bool {
+        self.blocked.load(Ordering::Acquire)
+    }
+
     fn set(&self, p: Option<Arc<ConfirmChannel>>) {
+        if p.is_none() {
+            // A new connection starts unblocked; its own callback says otherwise.
+            self.blocked.store(false, Ordering::Release);
+        }
         *self.publisher.write() = p;
     }
-}
-
-/// Parses `amqp://user:pass@host:port/vhost?heartbeat=N`, percent-decoding each part (so the
-/// default vhost is written `%2f`). amqprs has a URI parser, but it neither decodes the vhost
-/// nor survives a query key without `=`, and a config value must never panic the process.
-pub fn parse_url(url: &str) -> Result<OpenConnectionArguments, ConfigError> {
-    let bad = |why: &str| {
-        ConfigError::new(
-            "AMQP_URL",
-            format!("{why} (expected amqp://user:pass@host:port/vhost)"),
-        )
-    };
-    let rest = url
-        .strip_prefix("amqp://")
-        .ok_or_else(|| bad("scheme must be amqp://"))?;
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, Some(q)),
-        None => (rest, None),
-    };
-    let (authority, vhost) = match rest.split_once('/') {
-        Some((a, v)) => (a, v),
-        None => (rest, ""),
-    };
-    let (userinfo, hostport) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let (user, pass) = match userinfo {
-        Some(u) => match u.split_once(':') {
-            Some((a, b)) => (decode(a), decode(b)),
-            None => (decode(u), String::new()),
-        },
-        None => ("guest".to_owned(), "guest".to_owned()),
-    };
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>().map_err(|_| bad("port must be a number"))?,
-        ),
-        None => (hostport, 5672),
-    };
-    if host.is_empty() {
-        return Err(bad("host is missing"));
-    }
-    let vhost = if vhost.is_empty() {
-        "/".to_owned()
-    } else {
-        decode(vhost)
-    };
-    let mut args = OpenConnectionArguments::new(host, port, &user, &pass);
-    args.virtual_host(&vhost).heartbeat(HEARTBEAT_SECS);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        if let Some(("heartbeat", v)) = pair.split_once('=') {
-            args.heartbeat(
-                v.parse()
-                    .map_err(|_| bad("heartbeat must be a number of seconds"))?,
-            );
-        }
-    }
-    Ok(args)
-}
-
-fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// Capped exponential backoff with ±20 % jitter.
@@ -207,21 +161,27 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// Consumes until shutdown, reconnecting whenever the broker link is lost.
+/// Consumes until shutdown, reconnecting (to the next node, on a cluster) whenever the broker
+/// link is lost.
 pub async fn run(
     cfg: ConsumerConfig,
     registry: Arc<Registry>,
+    history: Arc<History>,
     metrics: Arc<Metrics>,
     link: Arc<Link>,
     mut shutdown: Shutdown,
 ) {
     let mut consumer = Consumer {
-        dedupe: Dedupe::new(cfg.dedupe_window),
+        follower: Follower::new(cfg.dedupe_window),
+        // Replicas start on different nodes, so they do not all crowd the first one.
+        node: fastrand::usize(..cfg.url.len().max(1)),
         cfg: Arc::new(cfg),
         registry,
+        history,
         metrics,
         link,
         backoff: Backoff::default(),
+        warm: false,
     };
     loop {
         let end = consumer.session(&mut shutdown).await;
@@ -229,6 +189,7 @@ pub async fn run(
         match end {
             SessionEnd::Shutdown => return,
             SessionEnd::Lost(why) => {
+                consumer.node += 1;
                 let delay = consumer.backoff.next_delay();
                 warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "broker link down; gateway not ready");
                 tokio::select! {
@@ -244,10 +205,15 @@ pub async fn run(
 struct Consumer {
     cfg: Arc<ConsumerConfig>,
     registry: Arc<Registry>,
+    history: Arc<History>,
     metrics: Arc<Metrics>,
     link: Arc<Link>,
-    dedupe: Dedupe,
+    follower: Follower,
     backoff: Backoff,
+    /// Node to try first.
+    node: usize,
+    /// The history holds the window: read the log up to the marker appended at start-up.
+    warm: bool,
 }
 
 impl Consumer {
@@ -256,15 +222,13 @@ impl Consumer {
         if shutdown.is_shutdown() {
             return SessionEnd::Shutdown;
         }
-        let args = match parse_url(&self.cfg.url) {
-            Ok(mut a) => a
-                .connection_name(&format!("wsnotify {}", std::process::id()))
-                .finish(),
-            Err(e) => return SessionEnd::Lost(e.to_string()),
-        };
-        let conn = match Connection::open(&args).await {
-            Ok(c) => c,
-            Err(e) => return SessionEnd::Lost(format!("connect: {e}")),
+        let name = format!("wsnotify {}", std::process::id());
+        let conn = match self.cfg.url.connect(self.node, &name).await {
+            Ok((conn, node)) => {
+                self.node = node;
+                conn
+            }
+            Err(e) => return SessionEnd::Lost(e),
         };
         // Subscribe to I/O failures before anything else can fail (see notes on amqprs #125).
         let (lost_tx, mut lost_rx) = mpsc::channel::<String>(4);
@@ -290,7 +254,7 @@ impl Consumer {
         end
     }
 
-    /// Declares the topology, starts the ingest leg, and consumes this replica's queue.
+    /// Declares what this replica needs, starts the ingest leg, and follows the log.
     async fn consume(
         &mut self,
         conn: &Connection,
@@ -299,99 +263,75 @@ impl Consumer {
         lost_rx: &mut mpsc::Receiver<String>,
     ) -> Result<SessionEnd, String> {
         let cfg = self.cfg.clone();
-        let (registry, metrics) = (self.registry.clone(), self.metrics.clone());
-        let dedupe = &mut self.dedupe;
         let e = |what: &'static str| move |err: amqprs::error::Error| format!("{what}: {err}");
-        conn.register_callback(LinkCallback)
-            .await
-            .map_err(e("register callback"))?;
+        conn.register_callback(LinkCallback {
+            link: self.link.clone(),
+        })
+        .await
+        .map_err(e("register callback"))?;
         declare_queue(conn, &cfg.queue).await?;
+        declare_log(conn, &cfg.log, cfg.history_window).await?;
         let ch = conn.open_channel(None).await.map_err(e("open channel"))?;
         ch.queue_declare(QueueDeclareArguments::durable_client_named(&cfg.dead_queue))
             .await
             .map_err(e("declare dead-letter queue"))?;
-        ch.exchange_declare(
-            ExchangeDeclareArguments::of_type(&cfg.exchange, ExchangeType::Fanout)
-                .durable(true)
-                .finish(),
-        )
-        .await
-        .map_err(e("declare fanout exchange"))?;
-        let mut replica_args = FieldTable::new();
-        if let (Ok(k1), Ok(k2), Ok(k3)) = (
-            "x-expires".try_into(),
-            "x-max-length".try_into(),
-            "x-overflow".try_into(),
-        ) {
-            replica_args.insert(
-                k1,
-                FieldValue::l(cfg.replica_queue_expires_ms.try_into().unwrap_or(i64::MAX)),
-            );
-            replica_args.insert(k2, FieldValue::l(REPLICA_QUEUE_MAX_LENGTH));
-            replica_args.insert(k3, FieldValue::from("drop-head"));
-        }
-        ch.queue_declare(
-            // Durable, with persistent copies: the queue and its binding survive a broker
-            // restart, so whichever replica takes the backlog first fans it out into every
-            // replica's queue, not only its own (tests/broker_restart.rs). `x-expires` still
-            // removes the queue of a replica that is gone for good.
-            QueueDeclareArguments::new(&cfg.replica_queue)
-                .durable(true)
-                .arguments(replica_args)
-                .finish(),
-        )
-        .await
-        .map_err(e("declare replica queue"))?;
-        ch.queue_bind(QueueBindArguments::new(
-            &cfg.replica_queue,
-            &cfg.exchange,
-            "",
-        ))
-        .await
-        .map_err(e("bind replica queue"))?;
-        ch.basic_qos(BasicQosArguments::new(0, cfg.prefetch, false))
-            .await
-            .map_err(e("qos"))?;
-        let tag = format!("wsnotify-fanout-{}", uuid::Uuid::now_v7());
-        let (_, mut rx) = ch
-            .basic_consume_rx(
-                BasicConsumeArguments::new(&cfg.replica_queue, &tag)
-                    .manual_ack(true)
-                    .finish(),
-            )
-            .await
-            .map_err(e("consume replica queue"))?;
         let publisher = Arc::new(
             ConfirmChannel::open(conn)
                 .await
                 .map_err(e("open confirm channel"))?,
         );
+        // On first start, read the log from a window ago up to a marker appended now: then the
+        // history holds the window and the replica may report ready.
+        let warm_marker = match self.warm {
+            true => None,
+            false => {
+                let id = format!("warm-{}", uuid::Uuid::now_v7());
+                append_marker(&publisher, &cfg.log, &id).await?;
+                Some(id)
+            }
+        };
+        let window_secs = cfg.history_window.as_secs();
+        let mut rx = self.follower.subscribe(&ch, &cfg.log, window_secs).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let taker = tokio::spawn(ingest::run(
             conn.clone(),
             cfg.clone(),
             publisher.clone(),
-            metrics.clone(),
+            self.metrics.clone(),
             stop_rx,
             lost_tx,
         ));
 
         self.link.set(Some(publisher.clone()));
-        metrics.broker_up.store(true, Ordering::Release);
-        inc(&metrics.broker_connects);
+        self.metrics.broker_up.store(true, Ordering::Release);
+        inc(&self.metrics.broker_connects);
         self.backoff.reset();
-        info!(queue = %cfg.queue, replica_queue = %cfg.replica_queue, prefetch = cfg.prefetch, "consuming");
+        info!(queue = %cfg.queue, log = %cfg.log, node = %cfg.url.node_name(self.node), "consuming");
+        let started = Instant::now();
 
+        let mut acks = Acks::default();
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let end = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.recv() => break SessionEnd::Shutdown,
                 why = lost_rx.recv() => break SessionEnd::Lost(why.unwrap_or_else(|| "ingest stopped".into())),
-                msg = rx.recv() => match msg {
-                    Some(msg) => deliver(msg, &ch, &registry, &metrics, dedupe).await?,
-                    None => break SessionEnd::Lost("replica consumer closed".into()),
-                },
+                msg = rx.recv() => {
+                    let Some(msg) = msg else {
+                        break SessionEnd::Lost("log consumer closed".into());
+                    };
+                    let tag = msg.deliver.as_ref().map(|d| d.delivery_tag());
+                    let read = self.follower.read(msg, &self.history, &self.registry, &self.metrics, self.warm).await;
+                    if let Read::Marker(id) = read
+                        && Some(&id) == warm_marker.as_ref()
+                    {
+                        self.warm = true;
+                        self.metrics.history_warm.store(true, Ordering::Release);
+                        let stats = self.history.stats(log::unix_ms());
+                        info!(entries = stats.entries, ms = started.elapsed().as_millis() as u64, "recovery history filled from the fan-out log");
+                    }
+                    acks.after(&ch, tag, rx.is_empty()).await?;
+                }
                 _ = health.tick() => {
                     if !conn.is_open() || !ch.is_open() {
                         break SessionEnd::Lost("connection closed".into());
@@ -399,45 +339,34 @@ impl Consumer {
                 }
             }
         };
-        metrics.broker_up.store(false, Ordering::Release);
+        self.metrics.broker_up.store(false, Ordering::Release);
         self.link.set(None);
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), taker).await;
         if let SessionEnd::Shutdown = end {
             // Deliver everything this replica took in before its users are told to go: a marker
-            // sent to our own queue after the taker stopped arrives after every copy before it.
-            let marker = format!("drain-{}", uuid::Uuid::now_v7());
-            let props = BasicProperties::default().with_message_id(&marker).finish();
-            if let Ok(confirm) = publisher
-                .publish(
-                    props,
-                    Vec::new(),
-                    BasicPublishArguments::new("", &cfg.replica_queue),
-                )
-                .await
-            {
-                let drained = async {
-                    let _ = confirm.wait().await;
-                    while let Some(msg) = rx.recv().await {
-                        let is_marker = msg.basic_properties.as_ref().and_then(|p| p.message_id())
-                            == Some(&marker);
-                        if is_marker {
-                            break;
-                        }
-                        deliver(msg, &ch, &registry, &metrics, dedupe).await?;
+            // appended after the taker stopped arrives after every record before it.
+            let id = format!("drain-{}", uuid::Uuid::now_v7());
+            let drained = async {
+                append_marker(&publisher, &cfg.log, &id).await?;
+                while let Some(msg) = rx.recv().await {
+                    let tag = msg.deliver.as_ref().map(|d| d.delivery_tag());
+                    let read = self
+                        .follower
+                        .read(msg, &self.history, &self.registry, &self.metrics, true)
+                        .await;
+                    acks.after(&ch, tag, true).await?;
+                    if matches!(read, Read::Marker(m) if m == id) {
+                        break;
                     }
-                    Ok::<(), String>(())
-                };
-                if tokio::time::timeout(Duration::from_secs(5), drained)
-                    .await
-                    .is_err()
-                {
-                    warn!("replica queue not drained within 5 s");
                 }
+                Ok::<(), String>(())
+            };
+            match tokio::time::timeout(DRAIN_TIMEOUT, drained).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "fan-out log not drained"),
+                Err(_) => warn!("fan-out log not drained within {DRAIN_TIMEOUT:?}"),
             }
-            let _ = ch
-                .queue_delete(QueueDeleteArguments::new(&cfg.replica_queue))
-                .await;
         }
         if let Ok(p) = Arc::try_unwrap(publisher) {
             p.close().await;
@@ -447,46 +376,59 @@ impl Consumer {
     }
 }
 
-/// Routes one fanout copy to this replica's users and acks it.
-async fn deliver(
-    msg: ConsumerMessage,
-    ch: &Channel,
-    registry: &Registry,
-    metrics: &Metrics,
-    dedupe: &mut Dedupe,
-) -> Result<(), String> {
-    let Some(d) = msg.deliver else { return Ok(()) };
-    match fanout::Wire::decode(
-        msg.basic_properties.as_ref(),
-        msg.content.unwrap_or_default(),
-    ) {
-        Ok(wire) if dedupe.is_duplicate(&wire) => inc(&metrics.duplicates_dropped),
-        Ok(wire) => match registry.route(&wire.target, &wire.frame_builder()).await {
-            Outcome::Delivered => inc(&metrics.messages_delivered),
-            Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
-        },
-        Err(why) => warn!(reason = %why, "ignoring a malformed message on the fanout exchange"),
+/// Acks log deliveries in batches: every [`ACK_EVERY`], and whenever nothing else is waiting.
+#[derive(Default)]
+struct Acks {
+    last: Option<u64>,
+    unacked: u64,
+}
+
+impl Acks {
+    async fn after(
+        &mut self,
+        ch: &amqprs::channel::Channel,
+        tag: Option<u64>,
+        idle: bool,
+    ) -> Result<(), String> {
+        if tag.is_some() {
+            self.last = tag;
+            self.unacked += 1;
+        }
+        if let Some(last) = self.last
+            && self.unacked > 0
+            && (idle || self.unacked >= ACK_EVERY)
+        {
+            ch.basic_ack(BasicAckArguments::new(last, true))
+                .await
+                .map_err(|e| format!("ack: {e}"))?;
+            self.unacked = 0;
+        }
+        Ok(())
     }
-    ch.basic_ack(BasicAckArguments::new(d.delivery_tag(), false))
+}
+
+/// Appends a marker record to the log and waits for the broker to confirm it.
+async fn append_marker(publisher: &ConfirmChannel, log: &str, id: &str) -> Result<(), String> {
+    let props = BasicProperties::default()
+        .with_content_type(RECORD_CONTENT_TYPE)
+        .finish();
+    let mut args = BasicPublishArguments::new("", log);
+    args.mandatory(true);
+    publisher
+        .publish(props, record::marker(id), args, CONFIRM_TIMEOUT)
         .await
-        .map_err(|e| format!("ack: {e}"))
+        .map_err(|e| format!("append a marker to {log}: {e}"))?
+        .wait_for(CONFIRM_TIMEOUT)
+        .await
+        .map_err(|e| format!("append a marker to {log}: {e}"))
 }
 
 /// Declares the notify queue as a plain durable queue — unless it already exists, in which case
-/// it is left exactly as the backends declared it (re-declaring with other arguments would make
-/// the broker refuse with PRECONDITION_FAILED). A failed passive declare closes its channel,
-/// hence the throwaway channel.
+/// it is left exactly as the backends declared it, classic or quorum (re-declaring with other
+/// arguments would make the broker refuse with PRECONDITION_FAILED). A failed passive declare
+/// closes its channel, hence the throwaway channel.
 pub(crate) async fn declare_queue(conn: &Connection, queue: &str) -> Result<(), String> {
-    let probe = conn
-        .open_channel(None)
-        .await
-        .map_err(|e| format!("open channel: {e}"))?;
-    let exists = probe
-        .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
-        .await
-        .is_ok();
-    if exists {
-        let _ = probe.close().await;
+    if exists(conn, queue).await? {
         return Ok(());
     }
     let ch = conn
@@ -498,6 +440,63 @@ pub(crate) async fn declare_queue(conn: &Connection, queue: &str) -> Result<(), 
         .map_err(|e| format!("declare {queue}: {e}"))?;
     let _ = ch.close().await;
     Ok(())
+}
+
+/// Declares the fan-out log, a stream, unless it exists (whoever declared it first set its
+/// retention). Retention keeps at least twice the history window.
+async fn declare_log(conn: &Connection, log: &str, window: Duration) -> Result<(), String> {
+    if exists(conn, log).await? {
+        return Ok(());
+    }
+    let max_age = LOG_MIN_AGE.max(window * 2).as_secs();
+    let mut args = FieldTable::new();
+    let mut put = |k: &str, v: FieldValue| {
+        if let Ok(k) = k.try_into() {
+            args.insert(k, v);
+        }
+    };
+    put("x-queue-type", "stream".into());
+    put("x-max-age", format!("{max_age}s").as_str().into());
+    put("x-max-length-bytes", FieldValue::l(LOG_MAX_BYTES));
+    put(
+        "x-stream-max-segment-size-bytes",
+        FieldValue::l(LOG_SEGMENT_BYTES),
+    );
+    let ch = conn
+        .open_channel(None)
+        .await
+        .map_err(|e| format!("open channel: {e}"))?;
+    let declared = ch
+        .queue_declare(
+            QueueDeclareArguments::new(log)
+                .durable(true)
+                .arguments(args)
+                .finish(),
+        )
+        .await;
+    let _ = ch.close().await;
+    match declared {
+        Ok(_) => Ok(()),
+        // Another replica declared it in the meantime, perhaps with another window.
+        Err(_) if exists(conn, log).await? => Ok(()),
+        Err(e) => Err(format!("declare {log}: {e}")),
+    }
+}
+
+/// Whether `queue` exists (a passive declare on a throwaway channel).
+async fn exists(conn: &Connection, queue: &str) -> Result<bool, String> {
+    let probe = conn
+        .open_channel(None)
+        .await
+        .map_err(|e| format!("open channel: {e}"))?;
+    let found = probe
+        .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+        .await
+        .is_ok();
+    if found {
+        let _ = probe.close().await;
+    }
+    Ok(found)
 }
 
 /// At most one warning per second about invalid messages, with a count of the rest.
@@ -527,7 +526,9 @@ impl RateLimited {
     }
 }
 
-struct LinkCallback;
+struct LinkCallback {
+    link: Arc<Link>,
+}
 
 #[async_trait]
 impl ConnectionCallback for LinkCallback {
@@ -541,11 +542,13 @@ impl ConnectionCallback for LinkCallback {
     }
 
     async fn blocked(&mut self, _conn: &Connection, reason: String) {
-        warn!(reason, "broker blocked the connection");
+        warn!(reason, "broker blocks publishers (resource alarm)");
+        self.link.blocked.store(true, Ordering::Release);
     }
 
     async fn unblocked(&mut self, _conn: &Connection) {
-        info!("broker unblocked the connection");
+        info!("broker unblocked publishers");
+        self.link.blocked.store(false, Ordering::Release);
     }
 
     async fn secret_updated(&mut self, _conn: &Connection) {}
@@ -554,22 +557,6 @@ impl ConnectionCallback for LinkCallback {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let a = parse_url("amqp://u%40x:p%3A@h.example:5673/%2f?heartbeat=5").unwrap();
-        assert_eq!(a.get_host(), "h.example");
-        assert_eq!(a.get_port(), 5673);
-        assert_eq!(a.get_virtual_host(), "/");
-        assert_eq!(a.get_heartbeat(), 5);
-        assert_eq!(
-            parse_url("amqp://localhost").unwrap().get_virtual_host(),
-            "/"
-        );
-        assert!(parse_url("http://x").is_err());
-        assert!(parse_url("amqp://h:notaport/").is_err());
-        assert!(parse_url("amqp://h/?heartbeat").is_ok());
-    }
 
     #[test]
     fn backoff_is_capped() {

@@ -19,10 +19,10 @@
 //! | 405 | not a POST |
 //! | 411 | no `Content-Length` (chunked bodies are not accepted) |
 //! | 413 | body over `MAX_PUBLISH_BYTES`, or an envelope over `MAX_MESSAGE_BYTES` |
-//! | 503 | the broker link is down (retry later) |
+//! | 503 | the broker link is down, or it did not confirm within `PUBLISH_TIMEOUT_MS` (a broker under a resource alarm blocks publishers): retry later |
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amqprs::BasicProperties;
 use amqprs::channel::BasicPublishArguments;
@@ -32,10 +32,11 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::amqp::Link;
-use crate::amqp::fanout::Wire;
 use crate::envelope::Parser;
+use crate::history::History;
 use crate::http::{Head, Response};
 use crate::metrics::{Metrics, inc};
+use crate::notification::Notification;
 use crate::registry::{Outcome, Registry};
 
 /// Where accepted envelopes go.
@@ -51,7 +52,15 @@ pub struct PublishApi {
     pub key: String,
     pub max_body: usize,
     pub max_message: usize,
+    /// Longest wait for the broker to take and confirm a request's envelopes.
+    pub timeout: Duration,
     pub sink: Sink,
+}
+
+/// What a standalone gateway routes published envelopes through.
+pub struct Local<'a> {
+    pub registry: &'a Registry,
+    pub history: &'a History,
 }
 
 /// A finished response: status and JSON body.
@@ -76,7 +85,7 @@ pub async fn handle(
     sock: &mut TcpStream,
     head: Head,
     api: Option<&PublishApi>,
-    registry: &Registry,
+    local: Local<'_>,
     metrics: &Metrics,
     read_timeout: Duration,
 ) {
@@ -85,7 +94,7 @@ pub async fn handle(
             404,
             "not found: set PUBLISH_API_KEY to enable publishing over HTTP",
         ),
-        Some(api) => process(sock, head, api, registry, metrics, read_timeout).await,
+        Some(api) => process(sock, head, api, local, metrics, read_timeout).await,
     };
     let headers: &[(&str, &str)] = match r.status {
         401 => &[("WWW-Authenticate", "Bearer")],
@@ -105,7 +114,7 @@ async fn process(
     sock: &mut TcpStream,
     head: Head,
     api: &PublishApi,
-    registry: &Registry,
+    local: Local<'_>,
     metrics: &Metrics,
     read_timeout: Duration,
 ) -> Reply {
@@ -173,6 +182,15 @@ async fn process(
             let Some(publisher) = link.publisher() else {
                 return error(503, "the broker link is down; retry later");
             };
+            if link.blocked() {
+                return error(
+                    503,
+                    "the broker is blocking publishers (resource alarm); retry later",
+                );
+            }
+            // One deadline for the whole request: sends and confirms.
+            let deadline = Instant::now() + api.timeout;
+            let left = || deadline.saturating_duration_since(Instant::now());
             let mut confirms = Vec::with_capacity(items.len());
             for item in &items {
                 let props = BasicProperties::default()
@@ -181,26 +199,30 @@ async fn process(
                     .finish();
                 let mut args = BasicPublishArguments::new("", queue);
                 args.mandatory(true);
-                match publisher.publish(props, item.to_vec(), args).await {
+                match publisher.publish(props, item.to_vec(), args, left()).await {
                     Ok(c) => confirms.push(c),
                     Err(e) => return error(503, format!("publish failed: {e}")),
                 }
             }
             for c in confirms {
-                if let Err(e) = c.wait().await {
+                if let Err(e) = c.wait_for(left()).await {
                     return error(503, format!("publish not confirmed: {e}"));
                 }
             }
         }
         Sink::Local => {
             let received = OffsetDateTime::now_utc();
+            let mut batch = Vec::with_capacity(items.len());
             for item in &items {
                 // Validated above; a second parse cannot fail, but never trust that with a panic.
                 let Ok(env) = parser.parse(item, api.max_message) else {
                     continue;
                 };
-                let wire = Wire::from_envelope(env, item, false, received);
-                match registry.route(&wire.target, &wire.frame_builder()).await {
+                batch.push(Notification::from_envelope(env, item, false, received));
+            }
+            let now_ms = u64::try_from(received.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            for (seq, n) in local.history.record(batch, now_ms) {
+                match local.registry.route(&n, seq).await {
                     Outcome::Delivered => inc(&metrics.messages_delivered),
                     Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
                 }

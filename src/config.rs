@@ -43,7 +43,8 @@ pub struct Config {
     )]
     pub server_port: u16,
 
-    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`, vhost percent-encoded: `%2f` is `/`).
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`, vhost percent-encoded: `%2f` is `/`),
+    /// or the nodes of one cluster, comma-separated: the gateway fails over between them.
     /// Unset: standalone mode — no broker; notifications come in through `POST /api/publish`.
     #[arg(
         long,
@@ -66,15 +67,26 @@ pub struct Config {
     )]
     pub notify_queue: String,
 
-    /// How long this replica's fan-out queue survives without it (broker `x-expires`): a
-    /// replica that reconnects within this time also gets what was fanned out meanwhile.
+    /// How far back the recovery history reaches (`?since=`, contract §5): every replica keeps
+    /// the notifications of this window, and a starting replica reads them from the fan-out
+    /// log before it reports ready. 0 turns recovery off (`recovered: false` for every `since`).
     #[arg(
         long,
-        env = "REPLICA_QUEUE_EXPIRES_MS",
-        value_name = "REPLICA_QUEUE_EXPIRES_MS",
-        default_value_t = 60_000
+        env = "HISTORY_WINDOW_MS",
+        value_name = "HISTORY_WINDOW_MS",
+        default_value_t = 300_000
     )]
-    pub replica_queue_expires_ms: u64,
+    pub history_window_ms: u64,
+
+    /// Memory the recovery history may take; the oldest notifications go first when it is
+    /// full. The default holds 5 minutes at 1,000 notifications/s of ~300-byte notifications.
+    #[arg(
+        long,
+        env = "HISTORY_MAX_BYTES",
+        value_name = "HISTORY_MAX_BYTES",
+        default_value_t = 268_435_456
+    )]
+    pub history_max_bytes: usize,
 
     /// Message ids remembered to drop duplicate fan-out copies.
     #[arg(
@@ -146,6 +158,16 @@ pub struct Config {
         value_name = "PUBLISH_API_KEY_FILE"
     )]
     pub publish_api_key_file: Option<PathBuf>,
+
+    /// Longest `POST /api/publish` waits for the broker to take and confirm a batch; past it
+    /// the answer is 503 (a broker under a resource alarm blocks publishers indefinitely).
+    #[arg(
+        long,
+        env = "PUBLISH_TIMEOUT_MS",
+        value_name = "PUBLISH_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub publish_timeout_ms: u64,
 
     /// Largest `POST /api/publish` body (one envelope or an array of them); larger gets 413.
     #[arg(
@@ -330,11 +352,14 @@ impl Config {
         if self.notify_queue.is_empty() || self.notify_queue.len() > 200 {
             return Err(ConfigError::new("NOTIFY_QUEUE", "must be 1 to 200 bytes"));
         }
-        if self.replica_queue_expires_ms < 1000 {
+        if self.history_window_ms > 24 * 3600 * 1000 {
             return Err(ConfigError::new(
-                "REPLICA_QUEUE_EXPIRES_MS",
-                "must be at least 1000",
+                "HISTORY_WINDOW_MS",
+                "must be at most 86400000 (24 hours)",
             ));
+        }
+        if self.publish_timeout_ms == 0 {
+            return Err(ConfigError::new("PUBLISH_TIMEOUT_MS", "must be above 0"));
         }
         if self.dedupe_window == 0 {
             return Err(ConfigError::new("DEDUPE_WINDOW", "must be at least 1"));
@@ -400,7 +425,8 @@ impl Config {
             return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));
         }
         if let Some(url) = &self.amqp_url {
-            crate::amqp::parse_url(url)?;
+            crate::amqp::url::AmqpUrl::parse(url)
+                .map_err(|e| ConfigError::new("AMQP_URL", e.to_string()))?;
         }
         if self.publish_api_key.as_ref().is_some_and(|k| k.len() < 16) {
             return Err(ConfigError::new(
@@ -435,9 +461,12 @@ impl Config {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
 
-    /// Name of the dead-letter queue for invalid messages.
-    pub fn dead_letter_queue(&self) -> String {
-        format!("{}.dead", self.notify_queue)
+    pub fn history_window(&self) -> Duration {
+        Duration::from_millis(self.history_window_ms)
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
     }
 }
 

@@ -26,6 +26,8 @@ pub const MAX_MESSAGE_TYPE_BYTES: usize = 64;
 pub const MAX_ID_BYTES: usize = 64;
 /// Longest user id, in bytes (contract: opaque strings of 1–128 bytes).
 pub const MAX_USER_ID_BYTES: usize = 128;
+/// `message_type`s the gateway keeps for its own frames (contract §5: `wsnotify.recovery`).
+pub const RESERVED_TYPE_PREFIX: &str = "wsnotify.";
 
 /// Whom a notification is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +124,11 @@ fn validate(value: Value<'_>) -> Result<Envelope<'_>, Invalid> {
         }
         None => return Err(invalid("missing_field: payload.message_type")),
     };
+    if message_type.starts_with(RESERVED_TYPE_PREFIX) {
+        return Err(invalid(format!(
+            "reserved_type: payload.message_type must not start with \"{RESERVED_TYPE_PREFIX}\" (reserved for the gateway's own frames)"
+        )));
+    }
 
     let user = match payload.remove("user_id") {
         None | Some(Value::Static(StaticNode::Null)) => None,
@@ -273,6 +280,10 @@ mod tests {
             (
                 r#"{"type":"websocket_notification","payload":{"message_type":"m","broadcast":true,"id":7}}"#,
                 "payload.id",
+            ),
+            (
+                r#"{"type":"websocket_notification","payload":{"message_type":"wsnotify.recovery","broadcast":true}}"#,
+                "reserved_type",
             ),
         ];
         for (body, want) in cases {

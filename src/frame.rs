@@ -10,7 +10,8 @@
 //! `writev(2)`. Nothing is copied or re-encoded per connection.
 //!
 //! `user_id` is the *receiving* user's id, so a message to several users yields one frame per
-//! user (all of that user's connections share it); a broadcast yields one frame in total.
+//! user (all of that user's connections share it); a broadcast yields one frame in total. The
+//! parts around it are encoded once per notification ([`crate::notification`]).
 
 use bytes::{Buf, Bytes};
 use simd_json::prelude::Writable;
@@ -54,38 +55,29 @@ impl Frame {
     }
 }
 
-/// Everything a frame carries except the recipient: built once per message, then
-/// [`FrameBuilder::build`] per recipient user (or once, for a broadcast).
-#[derive(Debug, Clone, Copy)]
-pub struct FrameBuilder<'a> {
-    pub id: &'a str,
-    pub message_type: &'a str,
-    pub timestamp: &'a str,
-    /// `data`, already encoded as JSON (`null` when the payload had none).
-    pub data: &'a [u8],
-}
+/// A text frame being written: room for the WebSocket header, then the JSON payload.
+/// [`FrameBuf::finish`] writes the header in front without moving the payload.
+pub struct FrameBuf(Vec<u8>);
 
-impl FrameBuilder<'_> {
-    /// Encodes the frame for `user` (`None` for a broadcast: no `user_id` field).
-    pub fn build(&self, user: Option<&str>) -> Frame {
-        let fixed = 64 + self.id.len() + self.message_type.len() + self.timestamp.len();
-        let user_len = user.map_or(0, |u| u.len() + 16);
-        let mut buf = Vec::with_capacity(HEADER_ROOM + fixed + user_len + self.data.len());
+impl FrameBuf {
+    /// A buffer for a payload of about `json_len` bytes.
+    pub fn with_capacity(json_len: usize) -> FrameBuf {
+        let mut buf = Vec::with_capacity(HEADER_ROOM + json_len);
         buf.resize(HEADER_ROOM, 0);
-        buf.extend_from_slice(b"{\"id\":");
-        write_json_str(&mut buf, self.id);
-        buf.extend_from_slice(b",\"type\":");
-        write_json_str(&mut buf, self.message_type);
-        if let Some(user) = user {
-            buf.extend_from_slice(b",\"user_id\":");
-            write_json_str(&mut buf, user);
-        }
-        buf.extend_from_slice(b",\"timestamp\":");
-        write_json_str(&mut buf, self.timestamp);
-        buf.extend_from_slice(b",\"data\":");
-        buf.extend_from_slice(self.data);
-        buf.push(b'}');
-        finish(buf)
+        FrameBuf(buf)
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    /// Appends `s` as a JSON string literal.
+    pub fn push_str_literal(&mut self, s: &str) {
+        write_json_str(&mut self.0, s);
+    }
+
+    pub fn finish(self) -> Frame {
+        finish(self.0)
     }
 }
 
@@ -170,41 +162,19 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
 mod tests {
     use super::*;
 
-    fn builder(data: &[u8]) -> FrameBuilder<'_> {
-        FrameBuilder {
-            id: "id-1",
-            message_type: "welcome",
-            timestamp: "2026-11-26T10:00:00.123Z",
-            data,
-        }
-    }
-
-    #[test]
-    fn user_frame_matches_contract() {
-        let f = builder(br#"{"message":"Welcome!"}"#).build(Some("u\"1"));
-        assert_eq!(f.wire()[0], 0x81);
-        assert_eq!(
-            std::str::from_utf8(f.json()).unwrap(),
-            r#"{"id":"id-1","type":"welcome","user_id":"u\"1","timestamp":"2026-11-26T10:00:00.123Z","data":{"message":"Welcome!"}}"#
-        );
-        assert_eq!(usize::from(f.wire()[1]), f.json().len());
-    }
-
-    #[test]
-    fn broadcast_has_no_user_id() {
-        let f = builder(b"null").build(None);
-        let v: serde_json::Value = serde_json::from_slice(f.json()).unwrap();
-        assert!(v.get("user_id").is_none());
-        assert!(v["data"].is_null());
+    fn text(json: &[u8]) -> Frame {
+        let mut b = FrameBuf::with_capacity(json.len());
+        b.push(json);
+        b.finish()
     }
 
     #[test]
     fn header_lengths() {
         for len in [0usize, 125, 126, 65_535, 65_536, 200_000] {
-            let data = format!("\"{}\"", "x".repeat(len));
-            let f = builder(data.as_bytes()).build(None);
-            let json = f.json();
-            assert_eq!(json.first(), Some(&b'{'), "len {len}");
+            let json = format!("\"{}\"", "x".repeat(len));
+            let f = text(json.as_bytes());
+            assert_eq!(f.wire()[0], 0x81);
+            assert_eq!(f.json(), json.as_bytes(), "len {len}");
             assert_eq!(
                 f.len() - json.len(),
                 if json.len() < 126 {
@@ -215,7 +185,6 @@ mod tests {
                     10
                 }
             );
-            serde_json::from_slice::<serde_json::Value>(json).unwrap();
         }
     }
 

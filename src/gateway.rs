@@ -16,11 +16,13 @@ use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::amqp::url::AmqpUrl;
 use crate::amqp::{self, ConsumerConfig, Link};
 use crate::api::{PublishApi, Sink};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::conn::ws_config;
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::server::{self, Listener, Shared};
@@ -32,6 +34,8 @@ pub struct Gateway {
     listener: TcpListener,
     shared: Arc<Shared>,
     link: Arc<Link>,
+    /// The broker side's settings; `None` in standalone mode.
+    broker: Option<ConsumerConfig>,
 }
 
 /// Start-up failures: configuration (one line naming the variable) or the listening socket.
@@ -54,6 +58,18 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// The broker side's settings, from the gateway's.
+fn consumer_config(c: &Config, url: &str) -> Result<ConsumerConfig, ConfigError> {
+    let url = AmqpUrl::parse(url).map_err(|e| ConfigError::new("AMQP_URL", e.to_string()))?;
+    Ok(ConsumerConfig {
+        history_window: c.history_window(),
+        dedupe_window: c.dedupe_window,
+        prefetch: c.amqp_prefetch,
+        max_message_bytes: c.max_message_bytes,
+        ..ConsumerConfig::new(url, &c.notify_queue)
+    })
+}
+
 impl Gateway {
     /// Validates the configuration and binds the port. Must run inside a tokio runtime.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
@@ -63,13 +79,22 @@ impl Gateway {
         let listener = server::bind(addr)
             .await
             .map_err(|e| StartError::Bind(addr, e))?;
+        let broker = match &config.amqp_url {
+            Some(url) => Some(consumer_config(&config, url).map_err(StartError::Config)?),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::start(config.client_queue_bytes);
+        let history = Arc::new(History::new(
+            config.history_window(),
+            config.history_max_bytes,
+        ));
         let link = Arc::new(Link::default());
         let publish_api = config.publish_api_key.clone().map(|key| PublishApi {
             key,
             max_body: config.max_publish_bytes,
             max_message: config.max_message_bytes,
+            timeout: config.publish_timeout(),
             sink: match config.amqp_url {
                 Some(_) => Sink::Broker {
                     link: link.clone(),
@@ -81,6 +106,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             auth,
             registry,
+            history,
             metrics,
             tracker: Arc::new(Tracker::default()),
             ws_config: ws_config(config.read_buffer_bytes, config.max_client_frame_bytes),
@@ -96,6 +122,7 @@ impl Gateway {
             listener,
             shared,
             link,
+            broker,
         })
     }
 
@@ -110,6 +137,7 @@ impl Gateway {
             listener,
             shared,
             link,
+            broker,
         } = self;
         if shared.auth.is_insecure() {
             warn!(
@@ -129,10 +157,11 @@ impl Gateway {
                 .clone()
                 .run_keepalive(config.ping_interval(), trigger.subscribe()),
         );
-        let consumer = match ConsumerConfig::from_config(&config) {
+        let consumer = match broker {
             Some(cfg) => tokio::spawn(amqp::run(
                 cfg,
                 shared.registry.clone(),
+                shared.history.clone(),
                 shared.metrics.clone(),
                 link,
                 trigger.subscribe(),

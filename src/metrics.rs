@@ -30,6 +30,12 @@ pub struct Metrics {
     pub broker_connects: AtomicU64,
     pub broker_up: AtomicBool,
     pub ingest_active: AtomicBool,
+    /// The recovery history holds its window (read from the fan-out log at start-up).
+    pub history_warm: AtomicBool,
+    pub recoveries_recovered: AtomicU64,
+    pub recoveries_unknown: AtomicU64,
+    pub recoveries_too_large: AtomicU64,
+    pub frames_replayed: AtomicU64,
 }
 
 /// Values owned elsewhere, sampled when `/metrics` is scraped.
@@ -39,6 +45,7 @@ pub struct Gauges {
     pub users: usize,
     pub sockets: usize,
     pub ready: bool,
+    pub history: crate::history::Stats,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -84,6 +91,26 @@ impl Metrics {
             "wsnotify_ingest_active",
             "1 while this replica is the one taking the notify queue (the others stand by).",
             self.ingest_active.load(Ordering::Relaxed) as u64,
+        );
+        gauge(
+            "wsnotify_history_warm",
+            "1 once the recovery history holds its window (read from the fan-out log at start-up).",
+            self.history_warm.load(Ordering::Relaxed) as u64,
+        );
+        gauge(
+            "wsnotify_history_entries",
+            "Notifications kept for recovery (?since=).",
+            g.history.entries as u64,
+        );
+        gauge(
+            "wsnotify_history_bytes",
+            "Memory the recovery history takes (estimate).",
+            g.history.bytes as u64,
+        );
+        gauge(
+            "wsnotify_history_oldest_age_seconds",
+            "Age of the oldest notification kept for recovery.",
+            g.history.oldest_age_ms / 1000,
         );
 
         let mut counter = |name: &str, help: &str, rows: &[(&str, u64)]| {
@@ -150,6 +177,20 @@ impl Metrics {
             "wsnotify_slow_consumer_closes_total",
             "Connections closed with 1013 because their queue overflowed.",
             &[("", get(&self.slow_consumer_closes))],
+        );
+        counter(
+            "wsnotify_recoveries_total",
+            "Connections that asked for recovery (?since=), by result: recovered, unknown (since older than the window or never seen: recovered false), too_large (the missed frames exceed CLIENT_QUEUE_BYTES: recovered false).",
+            &[
+                ("result=\"recovered\"", get(&self.recoveries_recovered)),
+                ("result=\"unknown\"", get(&self.recoveries_unknown)),
+                ("result=\"too_large\"", get(&self.recoveries_too_large)),
+            ],
+        );
+        counter(
+            "wsnotify_replayed_frames_total",
+            "Missed frames sent to recovering connections.",
+            &[("", get(&self.frames_replayed))],
         );
         counter(
             "wsnotify_client_messages_ignored_total",

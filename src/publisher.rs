@@ -17,13 +17,16 @@
 //! `notify_*` methods wait for their confirm; [`Publisher::send`] does not, so a batch can be
 //! pipelined and its confirms awaited together.
 
+use std::time::Duration;
+
 use amqprs::BasicProperties;
 use amqprs::channel::BasicPublishArguments;
 use amqprs::connection::Connection;
 use serde::Serialize;
 
-use crate::amqp::confirm::{Confirm, ConfirmChannel, PublishError};
-use crate::amqp::{declare_queue, parse_url};
+use crate::amqp::confirm::{Confirm, ConfirmChannel, DEFAULT_CONFIRM_TIMEOUT, PublishError};
+use crate::amqp::declare_queue;
+use crate::amqp::url::AmqpUrl;
 use crate::envelope::{ENVELOPE_TYPE, Parser};
 
 /// Whom a notification is for.
@@ -65,14 +68,18 @@ pub struct Publisher {
     queue: String,
     parser: parking_lot::Mutex<Parser>,
     max_message_bytes: usize,
+    timeout: Duration,
 }
 
 impl Publisher {
-    /// Connects, makes sure the notify queue exists (plain and durable, as the gateway expects
-    /// it), and opens a confirm channel.
+    /// Connects (to the first node that answers, when `amqp_url` lists several), makes sure
+    /// the notify queue exists (plain and durable, as the gateway expects it, unless backends
+    /// declared it otherwise), and opens a confirm channel.
     pub async fn connect(amqp_url: &str, queue: &str) -> Result<Publisher, PublishError> {
-        let args = parse_url(amqp_url).map_err(|e| PublishError::Connect(e.to_string()))?;
-        let conn = Connection::open(&args)
+        let url = AmqpUrl::parse(amqp_url)
+            .map_err(|e| PublishError::Connect(format!("invalid AMQP URL: {e}")))?;
+        let (conn, _) = url
+            .connect(0, "wsnotify publisher")
             .await
             .map_err(|e| PublishError::Connect(format!("cannot reach RabbitMQ: {e}")))?;
         declare_queue(&conn, queue)
@@ -87,7 +94,15 @@ impl Publisher {
             queue: queue.to_owned(),
             parser: parking_lot::Mutex::new(Parser::new()),
             max_message_bytes: 65_536,
+            timeout: DEFAULT_CONFIRM_TIMEOUT,
         })
+    }
+
+    /// Give up on a publish the broker has not taken and confirmed within `limit` (default 30
+    /// s): a broker under a resource alarm blocks publishers indefinitely.
+    pub fn with_timeout(mut self, limit: Duration) -> Self {
+        self.timeout = limit;
+        self
     }
 
     /// Refuse envelopes over `bytes` before sending (the gateway's `MAX_MESSAGE_BYTES`).
@@ -135,7 +150,7 @@ impl Publisher {
         data: &T,
     ) -> Result<(), PublishError> {
         let env = envelope(to, message_type, data, None)?;
-        self.send(env).await?.wait().await
+        self.send(env).await?.wait_for(self.timeout).await
     }
 
     /// Validates and sends a complete envelope without waiting: await the returned
@@ -151,7 +166,9 @@ impl Publisher {
             .finish();
         let mut args = BasicPublishArguments::new("", &self.queue);
         args.mandatory(true);
-        self.channel.publish(props, envelope, args).await
+        self.channel
+            .publish(props, envelope, args, self.timeout)
+            .await
     }
 
     pub async fn close(self) {

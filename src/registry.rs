@@ -27,7 +27,8 @@ use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::Target;
-use crate::frame::{Frame, FrameBuilder};
+use crate::frame::Frame;
+use crate::notification::Notification;
 use crate::shutdown::Shutdown;
 
 /// Shard count: a power of two well above the core count, so connect/disconnect and fan-out
@@ -68,6 +69,9 @@ pub struct Handle {
     last_seen: AtomicU32,
     /// Unix seconds at which the credentials expire (`u64::MAX`: never).
     expires_at: u64,
+    /// Frames of notifications up to this sequence number are not queued: the connection
+    /// recovered them from the history (see [`crate::history`]). 0 for a fresh connection.
+    skip_upto: u64,
 }
 
 /// Frames waiting for the connection's task, and when the oldest of them entered routing
@@ -79,7 +83,9 @@ struct Mailbox {
 }
 
 impl Handle {
-    pub fn new(expires_at: Option<u64>) -> Self {
+    /// A connection's handle; `skip_upto` is the last notification its recovery replay holds
+    /// (0 without recovery).
+    pub fn new(expires_at: Option<u64>, skip_upto: u64) -> Self {
         Self {
             mailbox: Mutex::new(Mailbox::default()),
             queued: AtomicUsize::new(0),
@@ -87,13 +93,17 @@ impl Handle {
             signals: AtomicU8::new(0),
             last_seen: AtomicU32::new(0),
             expires_at: expires_at.unwrap_or(u64::MAX),
+            skip_upto,
         }
     }
 
-    /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
-    /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
-    /// the frame is dropped for it alone.
-    fn push(&self, frame: &Bytes, born: u32, limit: usize) {
+    /// Queues the frame of notification `seq`, which entered routing at `born`
+    /// ([`Registry::clock`]), unless that would take the queue over `limit` bytes: then the
+    /// connection is told to close with 1013 and the frame is dropped for it alone.
+    fn push(&self, frame: &Bytes, born: u32, seq: u64, limit: usize) {
+        if seq <= self.skip_upto {
+            return;
+        }
         let len = frame.len();
         if self.queued.fetch_add(len, Ordering::AcqRel) + len > limit {
             self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -114,6 +124,21 @@ impl Handle {
         if was_empty {
             self.waker.wake();
         }
+    }
+
+    /// Puts `frames` (a recovery: its status frame, then the missed notifications) in front of
+    /// whatever live frames are already queued. Called before the connection's task runs.
+    pub fn prepend(&self, frames: Vec<Bytes>, born: u32) {
+        let len: usize = frames.iter().map(Bytes::len).sum();
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        {
+            let mut mb = self.mailbox.lock();
+            for f in frames.into_iter().rev() {
+                mb.frames.push_front(f);
+            }
+            mb.since = born;
+        }
+        self.waker.wake();
     }
 
     pub fn signal(&self, bits: u8) {
@@ -164,10 +189,12 @@ enum Delivery {
         user: Box<str>,
         frame: Bytes,
         born: u32,
+        seq: u64,
     },
     Broadcast {
         frame: Bytes,
         born: u32,
+        seq: u64,
     },
     /// Reply once everything sent before it has been pushed to mailboxes.
     Barrier(oneshot::Sender<()>),
@@ -297,6 +324,11 @@ impl Registry {
         self.users.load(Ordering::Relaxed)
     }
 
+    /// Bytes a connection's queue may hold (`CLIENT_QUEUE_BYTES`).
+    pub fn queue_limit(&self) -> usize {
+        self.queue_limit
+    }
+
     /// Current keepalive tick.
     pub fn tick(&self) -> u32 {
         self.tick.load(Ordering::Relaxed)
@@ -418,22 +450,23 @@ impl Registry {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Encodes a message for its recipients and hands the frames to the shards: one frame per
-    /// target user (shared by all of that user's connections), one for a broadcast. Users who
-    /// are not connected cost nothing: no frame is built for them.
-    pub async fn route(&self, target: &Target<'_>, msg: &FrameBuilder<'_>) -> Outcome {
+    /// Encodes notification `seq` for its recipients and hands the frames to the shards: one
+    /// frame per target user (shared by all of that user's connections), one for a broadcast.
+    /// Users who are not connected cost nothing: no frame is built for them.
+    pub async fn route(&self, n: &Notification, seq: u64) -> Outcome {
         let born = self.clock();
         let mut delivered = false;
+        let target = &n.target;
         match target {
-            Target::User(user) => delivered = self.to_user(user, msg, born).await,
+            Target::User(user) => delivered = self.to_user(user, n, born, seq).await,
             Target::Users(users) => {
                 for user in users {
-                    delivered |= self.to_user(user, msg, born).await;
+                    delivered |= self.to_user(user, n, born, seq).await;
                 }
             }
             Target::Broadcast => {
                 if self.connections() > 0 {
-                    self.broadcast(&msg.build(None), born).await;
+                    self.broadcast(&n.frame(None), born, seq).await;
                     delivered = true;
                 }
             }
@@ -455,16 +488,16 @@ impl Registry {
     /// Delivers a frame for `user` if it has connections here: straight into their mailboxes
     /// when nothing is queued for its shard, else through the shard's queue (waiting only if
     /// that is full). Returns whether the user is connected.
-    async fn to_user(&self, user: &str, msg: &FrameBuilder<'_>, born: u32) -> bool {
+    async fn to_user(&self, user: &str, n: &Notification, born: u32, seq: u64) -> bool {
         let shard = &self.shards[self.shard_of(user)];
         let frame = {
             let st = shard.state.lock();
             let Some(&head) = st.users.get(user) else {
                 return false;
             };
-            let frame = msg.build(Some(user));
+            let frame = n.frame(Some(user));
             if shard.queued.load(Ordering::Acquire) == 0 {
-                self.push_to_user(&st, head, frame.wire(), born);
+                self.push_to_user(&st, head, frame.wire(), born, seq);
                 return true;
             }
             frame
@@ -473,27 +506,29 @@ impl Registry {
             user: user.into(),
             frame: frame.wire().clone(),
             born,
+            seq,
         };
         self.enqueue(shard, d).await;
         true
     }
 
     /// Pushes `frame` to every connection in the user list starting at `head`.
-    fn push_to_user(&self, st: &ShardState, head: u32, frame: &Bytes, born: u32) {
+    fn push_to_user(&self, st: &ShardState, head: u32, frame: &Bytes, born: u32, seq: u64) {
         let mut key = head;
         while key != NIL {
             let e = &st.conns[key as usize];
-            e.handle.push(frame, born, self.queue_limit);
+            e.handle.push(frame, born, seq, self.queue_limit);
             key = e.next;
         }
     }
 
     /// Hands `frame` to every shard.
-    async fn broadcast(&self, frame: &Frame, born: u32) {
+    async fn broadcast(&self, frame: &Frame, born: u32, seq: u64) {
         for shard in self.shards.iter() {
             let d = Delivery::Broadcast {
                 frame: frame.wire().clone(),
                 born,
+                seq,
             };
             self.enqueue(shard, d).await;
         }
@@ -589,14 +624,19 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
             let n = batch.len();
             for d in batch.drain(..) {
                 match d {
-                    Delivery::User { user, frame, born } => {
+                    Delivery::User {
+                        user,
+                        frame,
+                        born,
+                        seq,
+                    } => {
                         if let Some(&head) = st.users.get(&*user) {
-                            registry.push_to_user(&st, head, &frame, born);
+                            registry.push_to_user(&st, head, &frame, born, seq);
                         }
                     }
-                    Delivery::Broadcast { frame, born } => {
+                    Delivery::Broadcast { frame, born, seq } => {
                         for (_, e) in st.conns.iter() {
-                            e.handle.push(&frame, born, limit);
+                            e.handle.push(&frame, born, seq, limit);
                         }
                     }
                     Delivery::Barrier(done) => barriers.push(done),
@@ -617,12 +657,18 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
 mod tests {
     use super::*;
 
-    fn builder() -> FrameBuilder<'static> {
-        FrameBuilder {
-            id: "id",
-            message_type: "m",
-            timestamp: "2026-11-26T10:00:00.000Z",
-            data: b"null",
+    fn notification(target: Target<'static>, data: &'static [u8]) -> Notification {
+        let mut tail = br#","timestamp":"2026-11-26T10:00:00.000Z","data":"#.to_vec();
+        tail.extend_from_slice(data);
+        tail.push(b'}');
+        Notification {
+            id: "id".into(),
+            target,
+            head: bytes::Bytes::from_static(br#"{"id":"id","type":"m""#),
+            tail: tail.into(),
+            fingerprint: [0; 16],
+            redelivered: false,
+            taken_ms: 0,
         }
     }
 
@@ -631,17 +677,19 @@ mod tests {
         let registry = Registry::start(1 << 20);
         let handles: Vec<_> = (0..100)
             .map(|i| {
-                let h = Arc::new(Handle::new(None));
+                let h = Arc::new(Handle::new(None, 0));
                 let key = registry
                     .register(Arc::from(format!("u{}", i % 50)), h.clone())
                     .expect("open");
                 (h, key)
             })
             .collect();
-        let user = Target::User("u7".into());
-        assert_eq!(registry.route(&user, &builder()).await, Outcome::Delivered);
+        let user = notification(Target::User("u7".into()), b"null");
+        assert_eq!(registry.route(&user, 1).await, Outcome::Delivered);
         assert_eq!(
-            registry.route(&Target::Broadcast, &builder()).await,
+            registry
+                .route(&notification(Target::Broadcast, b"null"), 2)
+                .await,
             Outcome::Delivered
         );
         registry.flush().await;
@@ -669,22 +717,18 @@ mod tests {
     #[tokio::test]
     async fn user_frames_skip_the_shard_queue_only_when_it_is_empty() {
         let registry = Registry::start(1 << 20);
-        let h = Arc::new(Handle::new(None));
+        let h = Arc::new(Handle::new(None, 0));
         registry.register(Arc::from("u"), h.clone()).expect("open");
-        let one = FrameBuilder {
-            data: b"1",
-            ..builder()
-        };
-        let two = FrameBuilder {
-            data: b"2",
-            ..builder()
-        };
+        let one = notification(Target::User("u".into()), b"1");
+        let two = notification(Target::User("u".into()), b"2");
         // Nothing queued: the frame is in the mailbox as soon as route returns.
-        registry.route(&Target::User("u".into()), &one).await;
+        registry.route(&one, 1).await;
         assert_eq!(h.take_frames().expect("queued").0.len(), 1);
         // A broadcast still queued for the shard: the user's frame queues behind it.
-        registry.route(&Target::Broadcast, &one).await;
-        registry.route(&Target::User("u".into()), &two).await;
+        registry
+            .route(&notification(Target::Broadcast, b"1"), 2)
+            .await;
+        registry.route(&two, 3).await;
         registry.flush().await;
         let (out, _) = h.take_frames().expect("queued");
         let data: Vec<bool> = out.iter().map(|f| f.ends_with(b"\"data\":1}")).collect();
@@ -694,9 +738,31 @@ mod tests {
             "broadcast first, then the user's frame"
         );
         assert_eq!(
-            registry.route(&Target::User("nobody".into()), &one).await,
+            registry
+                .route(&notification(Target::User("nobody".into()), b"1"), 4)
+                .await,
             Outcome::NoRecipient
         );
+    }
+
+    #[tokio::test]
+    async fn a_recovering_connection_skips_what_its_replay_holds() {
+        let registry = Registry::start(1 << 20);
+        let h = Arc::new(Handle::new(None, 5));
+        registry.register(Arc::from("u"), h.clone()).expect("open");
+        for seq in [4, 5, 6] {
+            registry
+                .route(&notification(Target::User("u".into()), b"1"), seq)
+                .await;
+        }
+        registry
+            .route(&notification(Target::Broadcast, b"2"), 7)
+            .await;
+        registry.flush().await;
+        h.prepend(vec![bytes::Bytes::from_static(b"replay")], 0);
+        let (out, _) = h.take_frames().expect("queued");
+        assert_eq!(out.len(), 3, "the replay, then 6 and 7");
+        assert_eq!(&out[0][..], b"replay");
     }
 
     #[test]

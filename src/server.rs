@@ -20,10 +20,18 @@ use crate::api::{self, PublishApi};
 use crate::auth::Authenticator;
 use crate::config::HTTP_HEADROOM;
 use crate::conn::Conn;
+use crate::frame::FrameBuf;
+use crate::history::{self, History};
 use crate::http::{self, Head, HeadError, Response};
 use crate::metrics::{Gauges, Metrics, inc};
 use crate::registry::{Handle, Registry};
 use crate::shutdown::{Shutdown, Slot, Tracker};
+
+/// Longest `since` a client may send (contract §5); longer, or empty, gets 400.
+const MAX_SINCE_BYTES: usize = 64;
+/// Longest a reconnecting client waits for this replica to read as far as the replica it
+/// comes from (see `History::wait_for`).
+const RECOVERY_WAIT: Duration = Duration::from_secs(2);
 
 /// Longest pause between accept retries after an error such as EMFILE.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -41,6 +49,8 @@ const SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
 pub struct Shared {
     pub auth: Authenticator,
     pub registry: Arc<Registry>,
+    /// Recent notifications, for clients reconnecting with `?since=`.
+    pub history: Arc<History>,
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<Tracker>,
     pub ws_config: WebSocketConfig,
@@ -56,10 +66,17 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// `/readyz`: accepting connections and consuming from the broker (or standalone).
+    /// `/readyz`: accepting connections and consuming from the broker with the recovery
+    /// history filled (or standalone).
     pub fn ready(&self) -> bool {
         self.accepting.load(Ordering::Acquire)
-            && (self.standalone || self.metrics.broker_up.load(Ordering::Acquire))
+            && (self.standalone || (self.metrics.broker_up.load(Ordering::Acquire) && self.warm()))
+    }
+
+    /// The recovery history holds its window (always, standalone): until then a replica takes
+    /// no client that asks for recovery, since it could not vouch for its `since`.
+    fn warm(&self) -> bool {
+        self.standalone || self.metrics.history_warm.load(Ordering::Acquire)
     }
 
     fn gauges(&self) -> Gauges {
@@ -68,6 +85,7 @@ impl Shared {
             users: self.registry.users(),
             sockets: self.tracker.open(),
             ready: self.ready(),
+            history: self.history.stats(crate::amqp::log::unix_ms()),
         }
     }
 }
@@ -233,15 +251,11 @@ async fn handshake(
         }
         (_, "/api/publish") => {
             let api = shared.publish_api.as_ref();
-            api::handle(
-                &mut sock,
-                head,
-                api,
-                &shared.registry,
-                &shared.metrics,
-                deadline,
-            )
-            .await;
+            let local = api::Local {
+                registry: &shared.registry,
+                history: &shared.history,
+            };
+            api::handle(&mut sock, head, api, local, &shared.metrics, deadline).await;
             None
         }
         ("GET", "/healthz") => answer(&mut sock, Response::text(200, "ok\n")).await,
@@ -289,6 +303,7 @@ async fn upgrade(
 ) -> Option<Conn> {
     let m = &shared.metrics;
     let refuse = |status: u16, msg: &'static str| (status, msg);
+    let since = query_param(head.query.as_deref(), "since");
     let checked = if head.method != "GET" {
         Err(refuse(405, "WebSocket upgrade needs GET\n"))
     } else if !head.upgrade_websocket {
@@ -297,8 +312,19 @@ async fn upgrade(
         Err(refuse(400, "invalid WebSocket handshake\n"))
     } else if head.ws_version.as_deref() != Some("13") {
         Err(refuse(426, "unsupported WebSocket version\n"))
+    } else if since
+        .as_ref()
+        .is_some_and(|s| s.is_empty() || s.len() > MAX_SINCE_BYTES)
+    {
+        Err(refuse(400, "since must be 1 to 64 bytes\n"))
     } else if !shared.accepting.load(Ordering::Acquire) {
         Err(refuse(503, "shutting down\n"))
+    } else if since.is_some() && !shared.warm() {
+        // It could not vouch for the gap yet: the client should try another replica.
+        Err(refuse(
+            503,
+            "starting: still reading the recent notifications\n",
+        ))
     } else if shared.registry.connections() >= shared.max_connections {
         inc(&m.handshakes_over_capacity);
         return answer(&mut sock, Response::text(503, "too many connections\n")).await;
@@ -329,11 +355,34 @@ async fn upgrade(
     };
 
     // Register before answering 101: a message routed from the moment the client sees the
-    // socket open waits in the mailbox and is written right after the 101.
-    let handle = Arc::new(Handle::new(identity.expires_at));
-    let Ok(key) = shared.registry.register(identity.user, handle.clone()) else {
+    // socket open waits in the mailbox and is written right after the 101. With `since`, the
+    // registration happens under the history's lock (see `history`), and the replay goes in
+    // front of whatever live frames arrive meanwhile.
+    let register = |covered| {
+        let handle = Arc::new(Handle::new(identity.expires_at, covered));
+        let key = shared
+            .registry
+            .register(identity.user.clone(), handle.clone());
+        key.map(|key| (handle, key))
+    };
+    let (registered, replay) = match &since {
+        None => (register(0), None),
+        Some(since) => {
+            let now = crate::amqp::log::unix_ms();
+            shared.history.wait_for(since, now, RECOVERY_WAIT).await;
+            let limit = shared.registry.queue_limit();
+            let (r, replay) = shared
+                .history
+                .attach(&identity.user, since, limit, register);
+            (r, Some(replay))
+        }
+    };
+    let Ok((handle, key)) = registered else {
         return answer(&mut sock, Response::text(503, "shutting down\n")).await;
     };
+    if let (Some(since), Some(replay)) = (&since, replay) {
+        recover(shared, &handle, &identity.user, since, replay);
+    }
     let accept =
         tungstenite::handshake::derive_accept_key(head.ws_key.as_deref().unwrap_or("").as_bytes());
     let response = format!(
@@ -352,6 +401,41 @@ async fn upgrade(
         shared.clone(),
         slot,
     ))
+}
+
+/// Queues a recovering connection's first frames: the `wsnotify.recovery` status, then the
+/// missed notifications exactly as first sent (contract §5).
+fn recover(shared: &Shared, handle: &Handle, user: &str, since: &str, replay: history::Replay) {
+    let m = &shared.metrics;
+    inc(match replay.outcome {
+        history::Outcome::Recovered => &m.recoveries_recovered,
+        history::Outcome::Unknown => &m.recoveries_unknown,
+        history::Outcome::TooLarge => &m.recoveries_too_large,
+    });
+    let recovered = replay.outcome == history::Outcome::Recovered;
+    let missed = replay.missed.len();
+    let mut status = FrameBuf::with_capacity(96 + since.len());
+    status.push(b"{\"type\":\"wsnotify.recovery\",\"recovered\":");
+    status.push(if recovered { b"true" } else { b"false" });
+    status.push(format!(",\"missed\":{missed},\"since\":").as_bytes());
+    status.push_str_literal(since);
+    status.push(b"}");
+    let mut frames = Vec::with_capacity(1 + missed);
+    frames.push(status.finish().wire().clone());
+    for n in &replay.missed {
+        let to = (!n.is_broadcast()).then_some(user);
+        frames.push(n.frame(to).wire().clone());
+    }
+    m.frames_replayed
+        .fetch_add(missed as u64, Ordering::Relaxed);
+    handle.prepend(frames, shared.registry.clock());
+}
+
+/// The percent-decoded value of `name` in a query string, if present.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// `Sec-WebSocket-Key` must be 16 bytes, base64-encoded (RFC 6455 §4.1).

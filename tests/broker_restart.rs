@@ -105,19 +105,16 @@ impl Drop for KeepBrokerUp {
 
 /// Deletes the test's queues and exchange from the node under test.
 async fn cleanup(url: &str, q: &str) {
-    use amqprs::channel::{ExchangeDeleteArguments, QueueDeleteArguments};
-    let Ok(args) = wsnotify::amqp::parse_url(url) else {
+    use amqprs::channel::QueueDeleteArguments;
+    let Ok(url) = wsnotify::amqp::url::AmqpUrl::parse(url) else {
         return;
     };
-    if let Ok(conn) = amqprs::connection::Connection::open(&args).await
+    if let Ok((conn, _)) = url.connect(0, "broker_restart cleanup").await
         && let Ok(ch) = conn.open_channel(None).await
     {
-        for name in [q.to_owned(), format!("{q}.dead")] {
+        for name in [q.to_owned(), format!("{q}.dead"), format!("{q}.log")] {
             let _ = ch.queue_delete(QueueDeleteArguments::new(&name)).await;
         }
-        let _ = ch
-            .exchange_delete(ExchangeDeleteArguments::new(&format!("{q}.fanout")))
-            .await;
         let _ = conn.close().await;
     }
 }

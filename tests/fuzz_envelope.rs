@@ -22,11 +22,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
+use wsnotify::amqp::record::{self, Record, RecordBuilder};
 use wsnotify::envelope::{Parser, Target};
-use wsnotify::frame::{self, FrameBuilder};
+use wsnotify::notification::Notification;
 
 const MAX: usize = 65_536;
 const TS: &str = "2026-11-26T10:00:00.123Z";
+
+/// The moment `TS` names.
+fn taken_at() -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(1_795_687_200_123_000_000).unwrap()
+}
 /// Reason classes a rejection may name (the prefix of `x-wsnotify-error`).
 const REASONS: &[&str] = &[
     "too_large:",
@@ -37,6 +43,7 @@ const REASONS: &[&str] = &[
     "missing_field:",
     "no_target:",
     "two_targets:",
+    "reserved_type:",
 ];
 
 fn cases() -> u32 {
@@ -174,26 +181,28 @@ fn check_with(
         Ok(env) => env,
     };
     tally.accepted.fetch_add(1, Ordering::Relaxed);
-    let mut data = Vec::new();
-    frame::encode_data(env.data.as_ref(), &mut data);
     let id = env.id.as_deref().map(str::to_owned);
-    let frame_id = id
-        .clone()
-        .unwrap_or_else(|| "0193aaaa-gateway-assigned".to_owned());
-    let builder = FrameBuilder {
-        id: &frame_id,
-        message_type: &env.message_type,
-        timestamp: TS,
-        data: &data,
-    };
+    let message_type = env.message_type.to_string();
     let recipients: Vec<Option<String>> = match &env.target {
         Target::User(u) => vec![Some(u.to_string())],
         Target::Users(list) => list.iter().map(|u| Some(u.to_string())).collect(),
         Target::Broadcast => vec![None],
     };
+    // The gateway's whole path: taken in, packed into a fan-out record, read back by a replica.
+    let taken = Notification::from_envelope(env, body, false, taken_at());
+    let mut record = RecordBuilder::default();
+    record.push(&taken);
+    let n = match record::decode(record.finish().into()) {
+        Ok(Record::Notifications(mut list)) if list.len() == 1 => list.remove(0),
+        other => return Err(fail(format!("the record did not round-trip: {other:?}"))),
+    };
+    if n != taken {
+        return Err(fail("the record changed the notification".into()));
+    }
+    let frame_id = n.id.to_string();
     let mut frame_data = Value::Null;
     for user in &recipients {
-        let f = builder.build(user.as_deref());
+        let f = n.frame(user.as_deref());
         tally.frames.fetch_add(1, Ordering::Relaxed);
         let wire = f.wire();
         if wire.first() != Some(&0x81) {
@@ -243,7 +252,7 @@ fn check_with(
             return Err(fail(format!("frame keys {keys:?}")));
         }
         if v["id"] != frame_id.as_str()
-            || v["type"] != *env.message_type
+            || v["type"] != *message_type
             || v["timestamp"] != TS
             || user.as_deref().is_some_and(|u| v["user_id"] != u)
         {
@@ -252,7 +261,7 @@ fn check_with(
         frame_data = v["data"].clone();
     }
     Ok(Ending::Accepted {
-        message_type: env.message_type.to_string(),
+        message_type,
         recipients,
         id,
         data: frame_data,
@@ -455,8 +464,13 @@ fn envelope() -> impl Strategy<Value = Value> {
         1 => Just(None),
         8 => json_value().prop_map(Some),
     ];
+    let message_type = prop_oneof![
+        20 => wanted(short_text(64)),
+        // The prefix the gateway keeps for its own frames.
+        1 => Just(Some(json!("wsnotify.recovery"))),
+    ];
     let payload = (
-        wanted(short_text(64)),
+        message_type,
         targets,
         data,
         id,
@@ -534,6 +548,9 @@ fn model(v: &Value, body_len: usize, max: usize) -> Result<Model, ()> {
         }
     };
     let message_type = text(p.get("message_type").ok_or(())?, 64)?;
+    if message_type.starts_with("wsnotify.") {
+        return Err(());
+    }
     let user = present("user_id").map(|v| text(v, 128)).transpose()?;
     let users = match present("user_ids") {
         None => None,
@@ -787,16 +804,10 @@ fn deep_nesting_is_forwarded_up_to_the_limit_and_rejected_beyond_it() {
                 .stack_size(2 << 20)
                 .spawn(move || {
                     let mut parser = Parser::new();
-                    let env = parser.parse(body.as_bytes(), 1 << 20)?;
-                    let mut out = Vec::new();
-                    frame::encode_data(env.data.as_ref(), &mut out);
-                    let builder = FrameBuilder {
-                        id: "i",
-                        message_type: &env.message_type,
-                        timestamp: TS,
-                        data: &out,
-                    };
-                    Ok(builder.build(None).json().to_vec())
+                    let mut env = parser.parse(body.as_bytes(), 1 << 20)?;
+                    env.id = Some("i".into());
+                    let n = Notification::from_envelope(env, body.as_bytes(), false, taken_at());
+                    Ok(n.frame(None).json().to_vec())
                 })
                 .unwrap()
                 .join()

@@ -6,9 +6,20 @@
 //! number and sends under one lock, parks a oneshot under that number, and the callback
 //! resolves it (or every number up to it, for `multiple`). Waiting is separate from sending,
 //! so callers can pipeline many publishes and then await their confirms.
+//!
+//! **Cancellation.** Once a number is taken, the publish must reach the channel, or every
+//! later confirm would resolve the wrong waiter. So taking the number and sending run in a
+//! task of their own, which finishes even if the caller's future is dropped (an HTTP client
+//! hanging up, a timeout): a caller can only be cancelled before its number is taken.
+//!
+//! **Bounded waits.** A broker under a memory or disk alarm blocks publishers: it stops
+//! reading their sockets, and neither the send nor the confirm ever completes. Every wait
+//! here therefore has a deadline ([`Confirm::wait`] and [`ConfirmChannel::publish`]'s), and
+//! callers turn it into an error (`POST /api/publish` answers 503).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
@@ -68,6 +79,9 @@ pub enum PublishError {
     Unroutable,
     /// The channel closed before the confirm arrived.
     Lost,
+    /// The broker did not take or confirm the message in time (e.g. it blocks publishers
+    /// during a resource alarm).
+    Timeout,
     /// The broker could not be reached or the queue could not be declared.
     Connect(String),
     /// The message is not a valid envelope (the reason, as the gateway would give it).
@@ -85,6 +99,9 @@ impl std::fmt::Display for PublishError {
             PublishError::Lost => {
                 f.write_str("the broker link closed before the publish was confirmed")
             }
+            PublishError::Timeout => {
+                f.write_str("the broker did not confirm in time (is it blocking publishers?)")
+            }
             PublishError::Amqp(e) => write!(f, "{e}"),
             PublishError::Connect(e) => f.write_str(e),
             PublishError::Invalid(e) => write!(f, "invalid notification: {e}"),
@@ -97,13 +114,23 @@ impl std::error::Error for PublishError {}
 /// A confirm awaited separately from the publish.
 pub struct Confirm(oneshot::Receiver<Settled>);
 
+/// How long [`Confirm::wait`] waits for the broker's verdict.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Confirm {
+    /// Waits for the broker's verdict, at most [`DEFAULT_CONFIRM_TIMEOUT`].
     pub async fn wait(self) -> Result<(), PublishError> {
-        match self.0.await {
-            Ok(Settled::Acked) => Ok(()),
-            Ok(Settled::Nacked) => Err(PublishError::Nacked),
-            Ok(Settled::Returned) => Err(PublishError::Unroutable),
-            Err(_) => Err(PublishError::Lost),
+        self.wait_for(DEFAULT_CONFIRM_TIMEOUT).await
+    }
+
+    /// Waits for the broker's verdict, at most `limit`.
+    pub async fn wait_for(self, limit: Duration) -> Result<(), PublishError> {
+        match tokio::time::timeout(limit, self.0).await {
+            Ok(Ok(Settled::Acked)) => Ok(()),
+            Ok(Ok(Settled::Nacked)) => Err(PublishError::Nacked),
+            Ok(Ok(Settled::Returned)) => Err(PublishError::Unroutable),
+            Ok(Err(_)) => Err(PublishError::Lost),
+            Err(_) => Err(PublishError::Timeout),
         }
     }
 }
@@ -113,7 +140,7 @@ pub struct ConfirmChannel {
     channel: Channel,
     pending: Arc<Mutex<Pending>>,
     /// Serialises "take a number, send" so numbers match the broker's order.
-    send_lock: tokio::sync::Mutex<()>,
+    send_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ConfirmChannel {
@@ -134,45 +161,57 @@ impl ConfirmChannel {
         Ok(Self {
             channel,
             pending,
-            send_lock: tokio::sync::Mutex::new(()),
+            send_lock: Arc::default(),
         })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
-    }
-
-    /// Sends one message; the returned [`Confirm`] resolves when the broker has it. A
-    /// `mandatory` publish that the broker returns as unroutable resolves as an error.
+    /// Sends one message, waiting at most `limit` for the broker to take it; the returned
+    /// [`Confirm`] resolves when the broker has it. A `mandatory` publish that the broker
+    /// returns as unroutable resolves as an error. Cancel-safe (see the module docs).
     pub async fn publish(
         &self,
         mut props: BasicProperties,
         body: Vec<u8>,
         args: BasicPublishArguments,
+        limit: Duration,
     ) -> Result<Confirm, PublishError> {
-        let _order = self.send_lock.lock().await;
-        let (tx, rx) = oneshot::channel();
-        let seq = {
-            let mut p = self.pending.lock();
-            let seq = p.next;
-            p.next += 1;
-            p.waiting.insert(seq, tx);
-            seq
+        let send = async {
+            let order = self.send_lock.clone().lock_owned().await;
+            let (channel, pending) = (self.channel.clone(), self.pending.clone());
+            // From here on the publish completes whatever happens to the caller.
+            let sent = tokio::spawn(async move {
+                let (tx, rx) = oneshot::channel();
+                let seq = {
+                    let mut p = pending.lock();
+                    let seq = p.next;
+                    p.next += 1;
+                    p.waiting.insert(seq, tx);
+                    seq
+                };
+                if args.mandatory {
+                    // A returned message carries its properties back: this header says which
+                    // publish it was.
+                    let mut headers = props.headers().cloned().unwrap_or_default();
+                    if let Ok(key) = SEQ_HEADER.try_into() {
+                        headers.insert(key, FieldValue::l(i64::try_from(seq).unwrap_or(i64::MAX)));
+                    }
+                    props.with_headers(headers);
+                }
+                let result = channel.basic_publish(props, body, args).await;
+                drop(order);
+                match result {
+                    Ok(()) => Ok(Confirm(rx)),
+                    Err(e) => {
+                        pending.lock().waiting.remove(&seq);
+                        Err(PublishError::Amqp(e))
+                    }
+                }
+            });
+            sent.await.unwrap_or(Err(PublishError::Lost))
         };
-        if args.mandatory {
-            // A returned message carries its properties back: this header says which publish
-            // it was.
-            let mut headers = props.headers().cloned().unwrap_or_default();
-            if let Ok(key) = SEQ_HEADER.try_into() {
-                headers.insert(key, FieldValue::l(i64::try_from(seq).unwrap_or(i64::MAX)));
-            }
-            props.with_headers(headers);
-        }
-        if let Err(e) = self.channel.basic_publish(props, body, args).await {
-            self.pending.lock().waiting.remove(&seq);
-            return Err(PublishError::Amqp(e));
-        }
-        Ok(Confirm(rx))
+        tokio::time::timeout(limit, send)
+            .await
+            .unwrap_or(Err(PublishError::Timeout))
     }
 
     pub async fn close(self) {

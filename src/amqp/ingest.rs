@@ -1,56 +1,62 @@
 //! The ingest leg: one replica at a time takes messages from the shared notify queue,
-//! validates them, fixes their id and timestamp, and republishes them to the fanout exchange.
+//! validates them, fixes their id and timestamp, and appends them to the fan-out log.
 //!
-//! **One taker at a time.** Each replica asks for an *exclusive* consumer on the notify queue;
-//! the broker grants it to one and refuses the others, which retry every second as standbys.
-//! When the taker dies or leaves, its consumer goes with its channel and a standby takes over
-//! within a second. A single taker keeps messages in publish order end to end (per-user
-//! ordering) and needs no queue arguments, so the queue backends already declared — plain,
-//! durable, no arguments — works unchanged.
+//! **One taker, on any queue type.** A replica becomes the taker by declaring the *exclusive*
+//! queue `<queue>.taker`: the broker lets only one connection hold it, on every queue type and
+//! every RabbitMQ version, and deletes it when that connection dies. The others retry every
+//! second as standbys. (An exclusive *consumer* alone is not enough: RabbitMQ 3.10 accepts a
+//! second one on a quorum queue, and two takers break per-user order.) Before consuming, a new
+//! taker waits until the previous taker's consumer is gone, so the deliveries it left unacked
+//! are back in the queue, in order, before anything newer is taken. A single taker keeps
+//! messages in publish order end to end, and needs no queue arguments, so a queue backends
+//! already declared — plain and durable, or quorum — works unchanged.
 //!
-//! **Ack after confirm.** A delivery is acked only once the broker has confirmed its republish
-//! (or its dead-letter copy). Confirms are pipelined: the taker keeps publishing while earlier
-//! confirms are in flight, and acks in order as they arrive. If the taker dies between a
-//! confirmed republish and the ack, the message is redelivered; the new taker marks the copy
-//! as redelivered and the replicas' dedupe window drops it (see [`super::fanout`]).
+//! **Group commit.** Notifications validated while the previous record awaits its confirm go
+//! out together as the next record ([`super::record`]), bounded by count and size. Nothing
+//! waits on a timer: a lone notification leaves at once; records grow only under load, which
+//! is when packing pays (the broker charges per message, see BENCHMARKS.md).
+//!
+//! **Ack after confirm.** Deliveries are acked — with `multiple`, one frame per record — only
+//! once the broker confirmed the record that carries them (and the dead-letter copies of the
+//! invalid ones among them). If the taker dies in between, the messages are redelivered; the
+//! new taker marks them redelivered and replicas drop the copies they already have (see
+//! [`super::log`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use amqprs::FieldValue;
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicPublishArguments,
-    BasicQosArguments, Channel, ConsumerMessage,
+    BasicQosArguments, Channel, ConsumerMessage, QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::connection::Connection;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
+use amqprs::{BasicProperties, FieldValue};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
-use super::confirm::{ConfirmChannel, PublishError};
-use super::fanout::Wire;
-use super::{ConsumerConfig, ERROR_HEADER, RateLimited};
+use super::confirm::{Confirm, ConfirmChannel};
+use super::record::RecordBuilder;
+use super::{CONFIRM_TIMEOUT, ConsumerConfig, ERROR_HEADER, RateLimited};
 use crate::envelope::Parser;
-use crate::metrics::{Metrics, inc};
+use crate::metrics::Metrics;
+use crate::notification::Notification;
 
 /// How often a standby replica asks to become the taker.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait for the previous taker's consumer to disappear.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+/// Most notifications in one record.
+const RECORD_MAX_ENTRIES: usize = 1024;
+/// A record stops growing once it is this large (one notification may exceed it alone).
+const RECORD_MAX_BYTES: usize = 512 * 1024;
 
-type PendingAck = Pin<Box<dyn Future<Output = (Result<(), PublishError>, u64, Outcome)> + Send>>;
-
-#[derive(Clone, Copy)]
-enum Outcome {
-    Republished,
-    DeadLettered,
-}
-
-/// Takes the notify queue whenever this replica can, until `stop` turns true. Returns an error
-/// when the broker link is unusable (the session then reconnects).
+/// Takes the notify queue whenever this replica can, until `stop` turns true. Sends a
+/// description of the failure to `errors` when the broker link is unusable (the session then
+/// reconnects).
 pub async fn run(
     conn: Connection,
     cfg: Arc<ConsumerConfig>,
@@ -59,57 +65,23 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     errors: mpsc::Sender<String>,
 ) {
-    let mut parser = Parser::new();
-    let mut log = RateLimited::default();
+    let mut taker = Taker {
+        cfg,
+        publisher,
+        metrics,
+        parser: Parser::new(),
+        log: RateLimited::default(),
+    };
     let mut announced_standby = false;
     loop {
         if *stop.borrow() {
             return;
         }
-        let result = async {
-            let ch = conn
-                .open_channel(None)
-                .await
-                .map_err(|e| format!("open ingest channel: {e}"))?;
-            ch.basic_qos(BasicQosArguments::new(0, cfg.prefetch, false))
-                .await
-                .map_err(|e| format!("qos: {e}"))?;
-            let tag = format!("wsnotify-ingest-{}", uuid::Uuid::now_v7());
-            let args = BasicConsumeArguments::new(&cfg.queue, &tag)
-                .manual_ack(true)
-                .exclusive(true)
-                .finish();
-            match ch.basic_consume_rx(args).await {
-                Ok((_, rx)) => {
-                    info!(queue = %cfg.queue, "this replica is now taking the notify queue");
-                    metrics.ingest_active.store(true, Ordering::Release);
-                    let r = take(
-                        &ch,
-                        &tag,
-                        rx,
-                        &cfg,
-                        &publisher,
-                        &metrics,
-                        &mut parser,
-                        &mut log,
-                        &mut stop,
-                    )
-                    .await;
-                    metrics.ingest_active.store(false, Ordering::Release);
-                    let _ = ch.close().await;
-                    r.map(|()| true)
-                }
-                // Another replica holds the exclusive consumer (the broker closed this channel).
-                Err(_) if conn.is_open() => Ok(false),
-                Err(e) => Err(format!("consume {}: {e}", cfg.queue)),
-            }
-        }
-        .await;
-        match result {
+        match taker.take_if_free(&conn, &mut stop).await {
             Ok(true) => announced_standby = false,
             Ok(false) => {
                 if !announced_standby {
-                    info!(queue = %cfg.queue, "standby: another replica is taking the notify queue");
+                    info!(queue = %taker.cfg.queue, "standby: another replica is taking the notify queue");
                     announced_standby = true;
                 }
                 tokio::select! {
@@ -125,111 +97,270 @@ pub async fn run(
     }
 }
 
-/// Consumes as the taker until told to stop (Ok) or the link fails (Err).
-#[allow(clippy::too_many_arguments)]
-async fn take(
-    ch: &Channel,
-    tag: &str,
-    mut rx: mpsc::UnboundedReceiver<ConsumerMessage>,
-    cfg: &ConsumerConfig,
-    publisher: &ConfirmChannel,
-    metrics: &Metrics,
-    parser: &mut Parser,
-    log: &mut RateLimited,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
-    let mut pending: FuturesOrdered<PendingAck> = FuturesOrdered::new();
-    loop {
-        tokio::select! {
-            biased;
-            Some((res, delivery_tag, outcome)) = pending.next(), if !pending.is_empty() => {
-                settle(ch, res, delivery_tag, outcome, metrics).await?;
-            }
-            _ = stop.changed() => break,
-            msg = rx.recv() => match msg {
-                Some(msg) => pending.push_back(republish(msg, cfg, publisher, parser, log).await?),
-                None => return Err("ingest consumer closed".into()),
-            },
-        }
-    }
-    // Leaving: stop deliveries, then ack what was already republished. Deliveries still in
-    // `rx` stay unacked and return to the queue when the channel closes.
-    let _ = ch.basic_cancel(BasicCancelArguments::new(tag)).await;
-    let drain = async {
-        while let Some((res, delivery_tag, outcome)) = pending.next().await {
-            settle(ch, res, delivery_tag, outcome, metrics).await?;
-        }
-        Ok::<(), String>(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), drain)
-        .await
-        .map_err(|_| "confirms did not arrive in 5 s".to_owned())?
+/// The taker's state across turns.
+struct Taker {
+    cfg: Arc<ConsumerConfig>,
+    publisher: Arc<ConfirmChannel>,
+    metrics: Arc<Metrics>,
+    parser: Parser,
+    log: RateLimited,
 }
 
-async fn settle(
-    ch: &Channel,
-    res: Result<(), PublishError>,
-    delivery_tag: u64,
-    outcome: Outcome,
-    metrics: &Metrics,
-) -> Result<(), String> {
-    res.map_err(|e| format!("republish: {e}"))?;
-    ch.basic_ack(BasicAckArguments::new(delivery_tag, false))
-        .await
-        .map_err(|e| format!("ack: {e}"))?;
-    match outcome {
-        Outcome::Republished => inc(&metrics.messages_ingested),
-        Outcome::DeadLettered => inc(&metrics.messages_dead_lettered),
+impl Taker {
+    /// One turn: takes the lock and the queue if they are free and consumes until told to stop
+    /// (`Ok(true)`); `Ok(false)` if another replica holds them; `Err` if the link failed.
+    async fn take_if_free(
+        &mut self,
+        conn: &Connection,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, String> {
+        let cfg = self.cfg.clone();
+        let lock = conn
+            .open_channel(None)
+            .await
+            .map_err(|e| format!("open lock channel: {e}"))?;
+        let args = QueueDeclareArguments::new(&cfg.taker_lock)
+            .exclusive(true)
+            .finish();
+        if let Err(e) = lock.queue_declare(args).await {
+            // RESOURCE_LOCKED: another replica's connection holds it (the broker closed this
+            // channel). Anything else with the connection down is a lost link.
+            return if conn.is_open() {
+                Ok(false)
+            } else {
+                Err(format!("declare {}: {e}", cfg.taker_lock))
+            };
+        }
+        let taken = async {
+            wait_for_previous_taker(conn, &cfg.queue).await;
+            let ch = conn
+                .open_channel(None)
+                .await
+                .map_err(|e| format!("open ingest channel: {e}"))?;
+            ch.basic_qos(BasicQosArguments::new(0, cfg.prefetch, false))
+                .await
+                .map_err(|e| format!("qos: {e}"))?;
+            let tag = format!("wsnotify-ingest-{}", uuid::Uuid::now_v7());
+            // Exclusive as well, where the broker enforces it: a replica of an older version
+            // (no lock) and this one never take a classic queue together.
+            let args = BasicConsumeArguments::new(&cfg.queue, &tag)
+                .manual_ack(true)
+                .exclusive(true)
+                .finish();
+            let rx = match ch.basic_consume_rx(args).await {
+                Ok((_, rx)) => rx,
+                Err(_) if conn.is_open() => return Ok(false),
+                Err(e) => return Err(format!("consume {}: {e}", cfg.queue)),
+            };
+            info!(queue = %cfg.queue, "this replica is now taking the notify queue");
+            self.metrics.ingest_active.store(true, Ordering::Release);
+            let r = self.take(&ch, &tag, rx, stop).await;
+            self.metrics.ingest_active.store(false, Ordering::Release);
+            let _ = ch.close().await;
+            r.map(|()| true)
+        }
+        .await;
+        // Let a standby take over now rather than when this connection ends.
+        let _ = lock
+            .queue_delete(QueueDeleteArguments::new(&cfg.taker_lock))
+            .await;
+        let _ = lock.close().await;
+        taken
     }
-    Ok(())
+
+    /// Consumes as the taker until told to stop (Ok) or the link fails (Err).
+    async fn take(
+        &mut self,
+        ch: &Channel,
+        tag: &str,
+        mut rx: mpsc::UnboundedReceiver<ConsumerMessage>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let mut batch = Batch::default();
+        let mut inflight: Option<InFlight> = None;
+        let mut consuming = true;
+        loop {
+            // Nothing awaiting a confirm: what has been validated leaves now.
+            if inflight.is_none() && !batch.is_empty() {
+                inflight = Some(
+                    std::mem::take(&mut batch)
+                        .send(&self.publisher, &self.cfg)
+                        .await?,
+                );
+            }
+            if !consuming && inflight.is_none() {
+                return Ok(());
+            }
+            let full = batch.is_full();
+            tokio::select! {
+                biased;
+                settled = async {
+                    match inflight.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if inflight.is_some() => {
+                    inflight = None;
+                    let s = settled?;
+                    ch.basic_ack(BasicAckArguments::new(s.last_tag, true))
+                        .await
+                        .map_err(|e| format!("ack: {e}"))?;
+                    self.metrics.messages_ingested.fetch_add(s.ingested, Ordering::Relaxed);
+                    self.metrics.messages_dead_lettered.fetch_add(s.dead_lettered, Ordering::Relaxed);
+                }
+                _ = stop.changed(), if consuming => {
+                    // Leaving: no more deliveries; what was taken is sent and acked first.
+                    // Deliveries still in `rx` stay unacked and return to the queue, in order,
+                    // when the channel closes.
+                    consuming = false;
+                    let _ = ch.basic_cancel(BasicCancelArguments::new(tag)).await;
+                }
+                msg = rx.recv(), if consuming && !full => match msg {
+                    Some(msg) => self.add(&mut batch, msg).await?,
+                    None => return Err("ingest consumer closed".into()),
+                },
+            }
+        }
+    }
+
+    /// Validates one delivery into the batch, or sends its original body to the dead-letter
+    /// queue (settled with the batch).
+    async fn add(&mut self, batch: &mut Batch, msg: ConsumerMessage) -> Result<(), String> {
+        let Some(deliver) = msg.deliver else {
+            return Err("delivery without method frame".into());
+        };
+        let body = msg.content.unwrap_or_default();
+        batch.last_tag = deliver.delivery_tag();
+        match self.parser.parse(&body, self.cfg.max_message_bytes) {
+            Ok(env) => {
+                let n = Notification::from_envelope(
+                    env,
+                    &body,
+                    deliver.redelivered(),
+                    OffsetDateTime::now_utc(),
+                );
+                batch.record.push(&n);
+            }
+            Err(invalid) => {
+                let reason = invalid.to_string();
+                let mut props = msg.basic_properties.unwrap_or_default();
+                let mut headers = props.headers().cloned().unwrap_or_default();
+                if let Ok(key) = ERROR_HEADER.try_into() {
+                    headers.insert(key, FieldValue::from(reason.as_str()));
+                }
+                props.with_headers(headers).with_persistence(true);
+                let args = BasicPublishArguments::new("", &self.cfg.dead_queue);
+                let confirm = self
+                    .publisher
+                    .publish(props, body, args, CONFIRM_TIMEOUT)
+                    .await
+                    .map_err(|e| format!("dead-letter publish: {e}"))?;
+                self.log.warn(&reason);
+                batch.dead.push(confirm);
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Validates one delivery and publishes it to the fanout exchange, or its original body to the
-/// dead-letter queue. Returns the confirm to wait for before acking.
-async fn republish(
-    msg: ConsumerMessage,
-    cfg: &ConsumerConfig,
-    publisher: &ConfirmChannel,
-    parser: &mut Parser,
-    log: &mut RateLimited,
-) -> Result<PendingAck, String> {
-    let Some(deliver) = msg.deliver else {
-        return Err("delivery without method frame".into());
-    };
-    let body = msg.content.unwrap_or_default();
-    let received = OffsetDateTime::now_utc();
-    let delivery_tag = deliver.delivery_tag();
-    let (confirm, outcome) = match parser.parse(&body, cfg.max_message_bytes) {
-        Ok(env) => {
-            let wire = Wire::from_envelope(env, &body, deliver.redelivered(), received);
-            let props = wire.properties();
+/// What a record's confirm settles: the deliveries up to `last_tag`.
+struct Settled {
+    last_tag: u64,
+    ingested: u64,
+    dead_lettered: u64,
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Result<Settled, String>> + Send>>;
+
+/// Deliveries taken since the last record left.
+#[derive(Default)]
+struct Batch {
+    record: RecordBuilder,
+    /// Dead-letter copies of the invalid deliveries among them.
+    dead: Vec<Confirm>,
+    /// Highest delivery tag among them.
+    last_tag: u64,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.record.is_empty() && self.dead.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.record.len() >= RECORD_MAX_ENTRIES || self.record.bytes() >= RECORD_MAX_BYTES
+    }
+
+    /// Publishes the record (mandatory: if the log is gone, that is an error, not a silent
+    /// drop) and returns what resolves once it and the dead-letter copies are confirmed.
+    async fn send(
+        self,
+        publisher: &ConfirmChannel,
+        cfg: &ConsumerConfig,
+    ) -> Result<InFlight, String> {
+        let ingested = self.record.len() as u64;
+        let record = if self.record.is_empty() {
+            None
+        } else {
+            let props = BasicProperties::default()
+                .with_content_type(super::RECORD_CONTENT_TYPE)
+                .with_persistence(true)
+                .finish();
+            let mut args = BasicPublishArguments::new("", &cfg.log);
+            args.mandatory(true);
             let confirm = publisher
-                .publish(
-                    props,
-                    wire.data,
-                    BasicPublishArguments::new(&cfg.exchange, ""),
-                )
+                .publish(props, self.record.finish(), args, CONFIRM_TIMEOUT)
                 .await
-                .map_err(|e| format!("republish: {e}"))?;
-            (confirm, Outcome::Republished)
-        }
-        Err(invalid) => {
-            let reason = invalid.to_string();
-            let mut props = msg.basic_properties.unwrap_or_default();
-            let mut headers = props.headers().cloned().unwrap_or_default();
-            if let Ok(key) = ERROR_HEADER.try_into() {
-                headers.insert(key, FieldValue::from(reason.as_str()));
+                .map_err(|e| format!("append to the fan-out log: {e}"))?;
+            Some(confirm)
+        };
+        let (dead, last_tag) = (self.dead, self.last_tag);
+        let started = Instant::now();
+        Ok(Box::pin(async move {
+            if let Some(c) = record {
+                c.wait_for(CONFIRM_TIMEOUT)
+                    .await
+                    .map_err(|e| format!("append to the fan-out log: {e}"))?;
             }
-            props.with_headers(headers).with_persistence(true);
-            let confirm = publisher
-                .publish(props, body, BasicPublishArguments::new("", &cfg.dead_queue))
-                .await
-                .map_err(|e| format!("dead-letter publish: {e}"))?;
-            log.warn(&reason);
-            (confirm, Outcome::DeadLettered)
+            let dead_lettered = dead.len() as u64;
+            for c in dead {
+                let left = CONFIRM_TIMEOUT.saturating_sub(started.elapsed());
+                c.wait_for(left)
+                    .await
+                    .map_err(|e| format!("dead-letter publish: {e}"))?;
+            }
+            Ok(Settled {
+                last_tag,
+                ingested,
+                dead_lettered,
+            })
+        }))
+    }
+}
+
+/// Waits (bounded) until the notify queue has no consumer: a taker that just died leaves its
+/// consumer behind until the broker notices, and its unacked deliveries return to the queue
+/// only then. Consuming earlier could take newer messages before them.
+async fn wait_for_previous_taker(conn: &Connection, queue: &str) {
+    let deadline = Instant::now() + HANDOVER_WAIT;
+    while Instant::now() < deadline {
+        let Ok(ch) = conn.open_channel(None).await else {
+            return;
+        };
+        let consumers = ch
+            .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |(_, _, consumers)| consumers);
+        let _ = ch.close().await;
+        if consumers == 0 {
+            return;
         }
-    };
-    Ok(Box::pin(async move {
-        (confirm.wait().await, delivery_tag, outcome)
-    }))
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    warn!(
+        queue,
+        "the previous taker's consumer is still there; taking the queue anyway"
+    );
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicConsumeArguments, BasicPublishArguments, Channel, ExchangeDeleteArguments,
-    QueueDeclareArguments, QueueDeleteArguments,
+    BasicConsumeArguments, BasicPublishArguments, Channel, QueueDeclareArguments,
+    QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable};
@@ -79,8 +79,6 @@ impl Gateway {
             .env("NOTIFY_QUEUE", queue)
             .env("AUTH_MODE", "insecure")
             .env("RUST_LOG", "info")
-            // A killed test gateway's fan-out queue disappears soon after.
-            .env("REPLICA_QUEUE_EXPIRES_MS", "10000")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -448,12 +446,10 @@ impl Drop for Broker {
                 {
                     for q in queues {
                         let _ = ch.queue_delete(QueueDeleteArguments::new(&q)).await;
-                        // The gateway's fan-out exchange for this notify queue.
+                        // The gateway's fan-out log for this notify queue.
                         if !q.ends_with(".dead") {
                             let _ = ch
-                                .exchange_delete(ExchangeDeleteArguments::new(&format!(
-                                    "{q}.fanout"
-                                )))
+                                .queue_delete(QueueDeleteArguments::new(&format!("{q}.log")))
                                 .await;
                         }
                     }

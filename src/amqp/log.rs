@@ -1,0 +1,246 @@
+//! The fan-out log's reader: every replica follows the stream `<queue>.log` and delivers each
+//! notification to the users connected to it, after recording it in its history.
+//!
+//! The log is a RabbitMQ stream: one copy on the broker (replicated on a cluster), read by
+//! every replica at its own offset, with nothing to declare or expire per replica. A replica
+//! remembers the offset after the last record it read; when its broker link comes back it
+//! resumes exactly there, so a link loss costs no notification. A replica that starts reads
+//! from `HISTORY_WINDOW_MS` ago, so it already knows the last minutes of notifications when it
+//! reports ready (recovery on any replica, contract §5), and knows it has caught up when it
+//! reads back the marker it appended just before subscribing.
+//!
+//! [`Dedupe`] drops a notification whose id was seen in the window (a publisher retrying with
+//! the same `id`), and a redelivered one whose fingerprint was seen (the taker died after its
+//! record was confirmed but before it acked, and the new taker assigned new ids).
+
+use std::collections::{HashSet, VecDeque};
+
+use amqprs::channel::{BasicConsumeArguments, BasicQosArguments, Channel, ConsumerMessage};
+use amqprs::{FieldTable, FieldValue};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::record::{self, Record};
+use crate::history::History;
+use crate::metrics::{Metrics, inc};
+use crate::notification::Notification;
+use crate::registry::{Outcome, Registry};
+
+/// Records delivered ahead of this replica's acks (a stream consumer must set one).
+const PREFETCH: u16 = 64;
+/// Stream offset of each delivery (RabbitMQ sets it).
+const OFFSET_HEADER: &str = "x-stream-offset";
+
+/// Where this replica is in the log, across broker sessions.
+pub struct Follower {
+    /// Offset of the next record to read; `None` before the first subscription.
+    next: Option<i64>,
+    dedupe: Dedupe,
+}
+
+/// What one delivery was.
+pub enum Read {
+    /// Notifications, recorded (and routed when `route` was set).
+    Notifications,
+    /// A replica's marker (ours, if the id is one we wrote).
+    Marker(String),
+}
+
+impl Follower {
+    pub fn new(dedupe_window: usize) -> Follower {
+        Follower {
+            next: None,
+            dedupe: Dedupe::new(dedupe_window),
+        }
+    }
+
+    /// Subscribes to the log: right after the last record read, or `window_secs` back on the
+    /// first subscription.
+    pub async fn subscribe(
+        &self,
+        ch: &Channel,
+        log: &str,
+        window_secs: u64,
+    ) -> Result<mpsc::UnboundedReceiver<ConsumerMessage>, String> {
+        ch.basic_qos(BasicQosArguments::new(0, PREFETCH, false))
+            .await
+            .map_err(|e| format!("qos: {e}"))?;
+        let from = match self.next {
+            Some(offset) => FieldValue::l(offset),
+            None => FieldValue::T(crate::registry::unix_now().saturating_sub(window_secs)),
+        };
+        let mut args = FieldTable::new();
+        if let Ok(key) = OFFSET_HEADER.try_into() {
+            args.insert(key, from);
+        }
+        let tag = format!("wsnotify-log-{}", uuid::Uuid::now_v7());
+        let consume = BasicConsumeArguments::new(log, &tag)
+            .manual_ack(true)
+            .arguments(args)
+            .finish();
+        let (_, rx) = ch
+            .basic_consume_rx(consume)
+            .await
+            .map_err(|e| format!("consume {log}: {e}"))?;
+        Ok(rx)
+    }
+
+    /// Reads one delivery: records its notifications in the history and, if `route`, hands
+    /// them to the registry. A record that cannot be decoded is skipped with a warning (only
+    /// something other than a wsnotify taker could have written it).
+    pub async fn read(
+        &mut self,
+        msg: ConsumerMessage,
+        history: &History,
+        registry: &Registry,
+        metrics: &Metrics,
+        route: bool,
+    ) -> Read {
+        let offset = msg
+            .basic_properties
+            .as_ref()
+            .and_then(|p| p.headers())
+            .and_then(|h| h.get(&OFFSET_HEADER.try_into().ok()?).cloned());
+        if let Some(FieldValue::l(offset)) = offset {
+            match self.next {
+                // Resuming may start at the beginning of a chunk: skip what was read.
+                Some(next) if offset < next => return Read::Notifications,
+                Some(next) if offset > next => {
+                    // Retention dropped records while this replica was away: it cannot vouch
+                    // for anything before the gap.
+                    warn!(
+                        expected = next,
+                        got = offset,
+                        "gap in the fan-out log; recovery history cleared"
+                    );
+                    history.clear();
+                }
+                _ => {}
+            }
+            self.next = Some(offset + 1);
+        }
+        let body = Bytes::from(msg.content.unwrap_or_default());
+        let list = match record::decode(body) {
+            Ok(Record::Notifications(list)) => list,
+            Ok(Record::Marker(id)) => return Read::Marker(id),
+            Err(why) => {
+                warn!(reason = %why, "skipping a malformed record in the fan-out log");
+                return Read::Notifications;
+            }
+        };
+        let fresh: Vec<Notification> = list
+            .into_iter()
+            .filter(|n| {
+                let dup = self.dedupe.is_duplicate(n);
+                if dup {
+                    inc(&metrics.duplicates_dropped);
+                }
+                !dup
+            })
+            .collect();
+        let recorded = history.record(fresh, unix_ms());
+        if route {
+            for (seq, n) in recorded {
+                match registry.route(&n, seq).await {
+                    Outcome::Delivered => inc(&metrics.messages_delivered),
+                    Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
+                }
+            }
+        }
+        Read::Notifications
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Remembers the ids and fingerprints of the last `capacity` notifications, as 128-bit keyed
+/// hashes (two random-keyed SipHashes): 16 bytes a key instead of a string per key.
+#[derive(Debug)]
+pub struct Dedupe {
+    capacity: usize,
+    seen: HashSet<u128>,
+    order: VecDeque<u128>,
+    keys: (std::hash::RandomState, std::hash::RandomState),
+}
+
+impl Dedupe {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            keys: (std::hash::RandomState::new(), std::hash::RandomState::new()),
+        }
+    }
+
+    fn key(&self, kind: u8, s: &[u8]) -> u128 {
+        use std::hash::BuildHasher;
+        let hi = self.keys.0.hash_one((kind, s));
+        let lo = self.keys.1.hash_one((kind, s));
+        (u128::from(hi) << 64) | u128::from(lo)
+    }
+
+    /// True if `n` is a copy of one already delivered; otherwise remembers it.
+    pub fn is_duplicate(&mut self, n: &Notification) -> bool {
+        let id_key = self.key(b'i', n.id.as_bytes());
+        let fp_key = self.key(b'f', &n.fingerprint);
+        if self.seen.contains(&id_key) || (n.redelivered && self.seen.contains(&fp_key)) {
+            return true;
+        }
+        self.remember(id_key);
+        self.remember(fp_key);
+        false
+    }
+
+    fn remember(&mut self, key: u128) {
+        if self.seen.insert(key) {
+            self.order.push_back(key);
+        }
+        while self.order.len() > self.capacity * 2 {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Target;
+
+    fn n(id: &str, fp: u8, redelivered: bool) -> Notification {
+        Notification {
+            id: id.into(),
+            target: Target::Broadcast,
+            head: Bytes::new(),
+            tail: Bytes::new(),
+            fingerprint: [fp; 16],
+            redelivered,
+            taken_ms: 0,
+        }
+    }
+
+    #[test]
+    fn dedupe_rules() {
+        let mut d = Dedupe::new(2);
+        assert!(!d.is_duplicate(&n("1", 1, false)));
+        // Same content published again (not a redelivery): a new notification.
+        assert!(!d.is_duplicate(&n("2", 1, false)));
+        // A redelivered copy of content already seen: dropped even with a new id.
+        assert!(d.is_duplicate(&n("3", 1, true)));
+        // A publisher retrying with the same id: dropped.
+        assert!(d.is_duplicate(&n("2", 2, false)));
+        // The window is bounded.
+        for i in 10..20 {
+            assert!(!d.is_duplicate(&n(&i.to_string(), i, false)));
+        }
+        assert!(!d.is_duplicate(&n("1", 1, true)));
+        assert!(d.order.len() <= 4);
+    }
+}
