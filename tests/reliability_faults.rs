@@ -196,7 +196,7 @@ async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
     let mut other = spawn_reader(gw.connect_user("v").await);
     // A publisher with its own connection, 1,000 messages a second, running through the cut:
     // what it publishes while the gateway is away waits in the durable queue.
-    let total = 3000usize;
+    let total = 6000usize;
     let q2 = q.clone();
     let publisher = tokio::spawn(async move {
         let broker = Broker::connect().await;
