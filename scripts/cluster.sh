@@ -67,6 +67,7 @@ ensure_installed() {
     apt_install rabbitmq-server
     SBIN="$(find_sbin)" || die "rabbitmq-server not found after installing it"
   fi
+  command -v pgrep >/dev/null || apt_install procps
   command -v setsid >/dev/null || die "setsid (util-linux) is missing"
 }
 
