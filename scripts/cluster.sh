@@ -264,7 +264,8 @@ cmd_start() {
   ensure_installed
   local t0 deadline i ports
   t0="$(now_ms)"; deadline=$(( $(date +%s) + TIMEOUT ))
-  mkdir -p "$ROOT"
+  mkdir -p "$ROOT" 2>/dev/null || true
+  [ -w "$ROOT" ] || die "cannot write to $ROOT: set WSNOTIFY_CLUSTER_ROOT to a directory of yours"
   DIR="$ROOT/$NAME"
   # mkdir is the claim on the name: it fails if the cluster exists.
   mkdir "$DIR" 2>/dev/null || die "cluster $NAME exists ($DIR): scripts/cluster.sh stop $NAME first"
