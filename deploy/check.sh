@@ -4,7 +4,9 @@
 #   deploy/check.sh          docker-compose.swarm.yml against the Compose Specification schema,
 #                            interpolation (default and overridden WEBSOCKET_REPLICAS), the rules
 #                            the deployment relies on (deploy/check_compose.py), the Dockerfile's
-#                            shape, and `docker stack config` when a docker CLI is installed
+#                            shape, and `docker stack config` when a docker CLI is installed; the
+#                            same for it merged with docker-compose.rabbitmq-cluster.yml (the
+#                            optional 3-node RabbitMQ cluster) plus the cluster's own rules
 #   deploy/check.sh --build  also the Dockerfile's static build, done here with cargo, and a run
 #                            of the result in an empty root directory, as FROM scratch would
 #                            (that part needs root for chroot and mknod)
@@ -18,11 +20,12 @@ cd "$(dirname "$0")/.."
 CHECK_JSONSCHEMA_VERSION=0.39.0
 PYYAML_VERSION=6.0.3
 COMPOSE=docker-compose.swarm.yml
+CLUSTER=docker-compose.rabbitmq-cluster.yml
 build=""
 case "${1:-}" in
   --build) build=1 ;;
   "") ;;
-  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -44,8 +47,11 @@ schema="$("$py" -c 'import importlib.resources as r; print(r.files("check_jsonsc
 step "$COMPOSE, as written, against the Compose Specification schema"
 "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$COMPOSE" || fail "schema (raw file)"
 
-step "$COMPOSE interpolated (defaults, WEBSOCKET_REPLICAS=7, WEBSOCKET_REPLICAS=1): schema and rules; Dockerfile"
-"$py" deploy/check_compose.py --compose "$COMPOSE" --dockerfile Dockerfile --schema "$schema" \
+step "$CLUSTER, as written, against the Compose Specification schema"
+"$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$CLUSTER" || fail "schema ($CLUSTER)"
+
+step "$COMPOSE interpolated (defaults, WEBSOCKET_REPLICAS=7, WEBSOCKET_REPLICAS=1), alone and with $CLUSTER: schema and rules; Dockerfile"
+"$py" deploy/check_compose.py --compose "$COMPOSE" --overlay "$CLUSTER" --dockerfile Dockerfile --schema "$schema" \
   --vars-example deploy/stack.env.example \
   --env WEBSOCKET_REPLICAS=7 --env WEBSOCKET_REPLICAS=1 || fail "check_compose.py"
 
@@ -66,6 +72,16 @@ if command -v docker >/dev/null 2>&1 && docker stack config --help >/dev/null 2>
     fail "docker stack config accepted WEBSOCKET_REPLICAS=three"
   else
     echo "ok -- WEBSOCKET_REPLICAS=three is refused"
+  fi
+  # The cluster file merged by docker itself: three nodes, the single broker at 0 replicas.
+  if out="$(env -u WEBSOCKET_REPLICAS docker stack config -c "$COMPOSE" -c "$CLUSTER" 2>&1)"; then
+    got="$(printf '%s' "$out" | "$py" -c 'import sys, yaml
+s = yaml.safe_load(sys.stdin)["services"]
+print(sorted(n for n in s if n.startswith("rabbitmq-")), s["rabbitmq"]["deploy"]["replicas"], s["wsnotify"]["deploy"]["replicas"])')"
+    [ "$got" = "['rabbitmq-1', 'rabbitmq-2', 'rabbitmq-3'] 0 3" ] && echo "ok -- with $CLUSTER: nodes rabbitmq-1..3, single broker 0 replicas, wsnotify 3" \
+      || fail "docker stack config with $CLUSTER: $got"
+  else
+    fail "docker stack config with $CLUSTER: $out"
   fi
 else
   echo "skipped: no docker CLI with \`stack config\` (Docker >= 25 CLI; no engine needed)"

@@ -6,6 +6,11 @@
    set, and validates every result against the Compose Specification JSON schema (`--schema`).
 2. Checks the rules the deployment depends on (replica count, rolling update, drain vs. grace
    period, limits, open files, routing, secrets), which a schema cannot express.
+3. With `--overlay FILE` (docker-compose.rabbitmq-cluster.yml), does the same for the stack file
+   merged with the overlay, as `docker stack deploy -c stack -c overlay` would, and checks the
+   RabbitMQ cluster's rules: nodes rabbitmq-1..N (odd, >= 3), one volume per node, nodes pinned
+   to different hosts, the Erlang cookie a secret shared by every node, the peer discovery list
+   in the mounted config file naming exactly those nodes, the single broker scaled to 0.
 
 Exit status 0 when everything holds, 1 otherwise. Used by deploy/check.sh.
 """
@@ -24,7 +29,7 @@ import yaml
 
 GATEWAY = "wsnotify"
 # Environment variables that would put a secret's value in the stack file or the task spec.
-SECRET_VARS = {"AMQP_URL", "JWT_SECRET", "PUBLISH_API_KEY", "RABBITMQ_DEFAULT_PASS"}
+SECRET_VARS = {"AMQP_URL", "JWT_SECRET", "PUBLISH_API_KEY", "RABBITMQ_DEFAULT_PASS", "RABBITMQ_ERLANG_COOKIE"}
 # Paths whose interpolated values Compose casts to integers.
 INT_PATHS = [
     ("services", "*", "deploy", "replicas"),
@@ -128,6 +133,25 @@ def load(compose_text: str, env: dict[str, str]):
     for p in INT_PATHS:
         cast_ints(doc, p)
     return doc
+
+
+def merge(base, overlay, f: "Failures", path=()):
+    """`overlay` laid over `base`: mappings merge key by key, scalars override. An overlay that
+    touches a list the base file already has is refused: Compose tools merge lists differently
+    (by target, by source, or appended), so such an override would not mean one thing."""
+    out = dict(base)
+    for key, value in overlay.items():
+        where = ".".join(path + (str(key),))
+        if key not in base:
+            out[key] = value
+        elif isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = merge(base[key], value, f, path + (str(key),))
+        elif isinstance(base[key], (dict, list)) or isinstance(value, (dict, list)):
+            f.append(f"overlay changes {where}, a list or mapping of the stack file: only add services "
+                     "and top-level entries, or override scalars")
+        else:
+            out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------- rules
@@ -254,6 +278,126 @@ def check_stack(doc, env: dict[str, str], f: Failures) -> None:
     f.check(bool(rabbit.get("hostname")), "rabbitmq: set a fixed hostname (the node name and data directory follow it)")
 
 
+CLUSTER_NODE = re.compile(r"rabbitmq-(\d+)")
+RABBITMQ_DATA = "/var/lib/rabbitmq"
+COOKIE_PATH = "/var/lib/rabbitmq/.erlang.cookie"
+RABBITMQ_UID = "100"  # the rabbitmq user of the official Alpine image
+
+
+def mounts(svc, key):
+    """(source, target) of a service's volumes / secrets / configs, short or long syntax."""
+    out = []
+    for m in svc.get(key) or []:
+        if isinstance(m, str):
+            if key == "volumes":
+                parts = m.split(":")
+                out.append((parts[0], parts[1] if len(parts) > 1 else parts[0], {}))
+            else:
+                out.append((m, f"/run/secrets/{m}" if key == "secrets" else f"/{m}", {}))
+        else:
+            target = m.get("target") or m.get("source")
+            if key == "secrets" and not target.startswith("/"):
+                target = f"/run/secrets/{target}"
+            out.append((m.get("source"), target, m))
+    return out
+
+
+def rabbitmq_conf(path: Path) -> dict[str, str]:
+    """`key = value` lines of a RabbitMQ (sysctl-format) config file."""
+    conf = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "=" in line:
+            k, v = (x.strip() for x in line.split("=", 1))
+            conf[k] = v
+    return conf
+
+
+def check_cluster(doc, base_dir: Path, f: Failures) -> int:
+    """Rules for a RabbitMQ cluster (services rabbitmq-1..N); returns the number of nodes."""
+    services = doc.get("services", {})
+    nodes = {int(m.group(1)): name for name in services if (m := CLUSTER_NODE.fullmatch(name))}
+    if not nodes:
+        return 0
+    n = len(nodes)
+    f.check(sorted(nodes) == list(range(1, n + 1)), f"cluster nodes must be rabbitmq-1..rabbitmq-{n}, got {sorted(nodes.values())}")
+    f.check(n >= 3 and n % 2 == 1, f"{n} cluster nodes: use an odd number >= 3 so that a majority survives a node lost")
+    single = services.get("rabbitmq")
+    if single is not None:
+        f.check((single.get("deploy") or {}).get("replicas") == 0,
+                "rabbitmq: the single broker must have 0 replicas beside the cluster (two brokers would split the traffic)")
+
+    users = {}
+    for name, svc in services.items():
+        for source, _, _ in mounts(svc, "volumes"):
+            users.setdefault(source, set()).add(name)
+    declared_volumes = set((doc.get("volumes") or {}).keys())
+
+    placements, cookies, confs = {}, set(), set()
+    for i in sorted(nodes):
+        name = nodes[i]
+        svc = services[name]
+        deploy = svc.get("deploy") or {}
+        f.check(svc.get("hostname") == name,
+                f"{name}: hostname must be {name} (the node name rabbit@{name} follows it, and peer discovery lists it)")
+        if single is not None:
+            f.check(svc.get("image") == single.get("image"),
+                    f"{name}: image {svc.get('image')} differs from the single broker's {single.get('image')}")
+        f.check(deploy.get("mode", "replicated") == "replicated" and deploy.get("replicas", 1) == 1,
+                f"{name}: exactly one task per node (mode replicated, replicas 1)")
+        f.check(deploy.get("endpoint_mode") == "dnsrr",
+                f"{name}: endpoint_mode dnsrr, so that the node's name resolves to the node itself")
+        hc = svc.get("healthcheck") or {}
+        f.check(bool(hc.get("test")) and not hc.get("disable"), f"{name}: no healthcheck")
+        f.check("backend" in (svc.get("networks") or []), f"{name}: not on the backend network")
+
+        data = [src for src, target, _ in mounts(svc, "volumes") if target == RABBITMQ_DATA]
+        f.check(len(data) == 1, f"{name}: {RABBITMQ_DATA} must be on exactly one volume")
+        for src in data:
+            f.check(src in declared_volumes, f"{name}: volume {src} is not a named volume of the stack")
+            f.check(users.get(src) == {name}, f"{name}: volume {src} is shared with {sorted(users.get(src, set()) - {name})}; one volume per node")
+
+        constraints = tuple(sorted(((deploy.get("placement") or {}).get("constraints") or [])))
+        f.check(bool(constraints), f"{name}: no placement constraint; its local volume must stay on one host")
+        placements[name] = constraints
+
+        cookie = [(src, m) for src, target, m in mounts(svc, "secrets") if target == COOKIE_PATH]
+        f.check(len(cookie) == 1, f"{name}: the Erlang cookie must be a secret mounted at {COOKIE_PATH}")
+        for src, m in cookie:
+            cookies.add(src)
+            f.check(m.get("mode") == 0o400 and str(m.get("uid")) == RABBITMQ_UID,
+                    f"{name}: the cookie must be mode 0400 and owned by uid {RABBITMQ_UID} (Erlang refuses a readable cookie)")
+
+        conf = [src for src, target, _ in mounts(svc, "configs")
+                if target.startswith("/etc/rabbitmq/conf.d/") and target.endswith(".conf")]
+        f.check(len(conf) == 1, f"{name}: mount the cluster config into /etc/rabbitmq/conf.d/")
+        confs.update(conf)
+
+    f.check(len(cookies) == 1, f"every node must mount the same cookie secret, got {sorted(cookies)}")
+    for src in cookies:
+        f.check(((doc.get("secrets") or {}).get(src) or {}).get("external") is True, f"secret {src}: must be external")
+    f.check(len(set(placements.values())) == len(placements),
+            f"nodes share placement constraints {placements}: two of them could land on one host")
+
+    f.check(len(confs) == 1, f"every node must mount the same cluster config, got {sorted(confs)}")
+    for src in confs:
+        spec = (doc.get("configs") or {}).get(src) or {}
+        f.check("file" in spec, f"config {src}: expected `file:` (the repository's deploy/rabbitmq-cluster.conf)")
+        if "file" not in spec:
+            continue
+        path = (base_dir / spec["file"]).resolve()
+        if not path.is_file():
+            f.append(f"config {src}: {path} does not exist")
+            continue
+        conf = rabbitmq_conf(path)
+        f.check(conf.get("cluster_formation.peer_discovery_backend") in ("classic_config", "rabbit_peer_discovery_classic_config"),
+                f"{path.name}: cluster_formation.peer_discovery_backend must be classic_config")
+        listed = {v for k, v in conf.items() if re.fullmatch(r"cluster_formation\.classic_config\.nodes\.\d+", k)}
+        want = {f"rabbit@{services[name].get('hostname')}" for name in nodes.values()}
+        f.check(listed == want, f"{path.name}: peer discovery lists {sorted(listed)}, the stack runs {sorted(want)}")
+    return n
+
+
 def check_dockerfile(text: str, compose_doc, f: Failures) -> None:
     lines, cur = [], ""
     for raw in text.splitlines():
@@ -294,9 +438,12 @@ def main() -> int:
                     help="file listing every variable the stack file reads (NAME=default lines)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="an extra environment to interpolate with (repeatable)")
+    ap.add_argument("--overlay", type=Path,
+                    help="a stack file deployed together with --compose (docker stack deploy -c A -c B)")
     args = ap.parse_args()
 
     text = args.compose.read_text()
+    overlay_text = args.overlay.read_text() if args.overlay else ""
     schema = json.loads(args.schema.read_text())
     validator_cls = jsonschema.validators.validator_for(schema)
     validator_cls.check_schema(schema)
@@ -305,7 +452,7 @@ def main() -> int:
 
     # Every variable the file reads is documented in the example, and the example has no extras.
     # ... with the same defaults.
-    plain = re.sub(r"\$\$", "", text)
+    plain = re.sub(r"\$\$", "", text + "\n" + overlay_text)
     used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", plain))
     defaults = dict(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?-([^}]*)\}", plain))
     documented = dict(l.split("=", 1) for l in args.vars_example.read_text().splitlines()
@@ -341,6 +488,30 @@ def main() -> int:
         print(f"[{label}] {GATEWAY} replicas={d['services'][GATEWAY]['deploy']['replicas']} "
               f"schema errors={len(errors)}")
         doc = doc or d
+        if not args.overlay:
+            continue
+        tag = f"{label} + {args.overlay.name}"
+        before = len(f)
+        merged = None
+        try:
+            over = load(overlay_text, env)
+            if isinstance(over, dict):
+                merged = merge(d, over, f)
+            else:
+                f.append(f"{args.overlay}: not a Compose file")
+        except ValueError as e:
+            f.append(f"interpolation: {e}")
+        if merged is not None:
+            errors = sorted(validator.iter_errors(merged), key=lambda e: list(e.absolute_path))
+            for e in errors:
+                f.append(f"schema: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}")
+            check_stack(merged, env, f)
+            nodes = check_cluster(merged, args.compose.parent, f)
+            f.check(nodes > 0, f"{args.overlay}: no rabbitmq-N services")
+            print(f"[{tag}] rabbitmq nodes={nodes} single broker replicas="
+                  f"{(merged['services'].get('rabbitmq', {}).get('deploy') or {}).get('replicas')} "
+                  f"schema errors={len(errors)}")
+        f[before:] = [f"[{tag}] {m}" for m in f[before:]]
     if doc is not None:
         check_dockerfile(args.dockerfile.read_text(), doc, f)
 

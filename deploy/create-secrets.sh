@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Creates the Swarm secrets docker-compose.swarm.yml expects, on a manager node:
+# Creates the Swarm secrets docker-compose.swarm.yml (and docker-compose.rabbitmq-cluster.yml) expects,
+# on a manager node:
 #
 #   wsnotify_rabbitmq_credentials  RabbitMQ config lines: default_user / default_pass
-#   wsnotify_amqp_url              amqp://wsnotify:<password>@rabbitmq:5672/%2f (gateway's AMQP_URL_FILE)
+#   wsnotify_amqp_url              amqp://wsnotify:<password>@rabbitmq:5672/%2f (gateway's AMQP_URL_FILE);
+#                                  with --rabbitmq-cluster the three nodes' URLs, comma-separated
 #   wsnotify_jwt_secret            HS256 key your token issuer signs with (gateway's JWT_SECRET_FILE)
+#   wsnotify_rabbitmq_erlang_cookie  with --rabbitmq-cluster: the Erlang cookie the nodes share
 #
-# Usage: deploy/create-secrets.sh --jwt-secret-file FILE   (the issuer's key, at least 16 bytes)
-#        deploy/create-secrets.sh --generate-jwt-secret    (new random key; give it to the issuer)
+# Usage: deploy/create-secrets.sh [--rabbitmq-cluster] --jwt-secret-file FILE   (the issuer's key, at least 16 bytes)
+#        deploy/create-secrets.sh [--rabbitmq-cluster] --generate-jwt-secret    (new random key; give it to the issuer)
+# --rabbitmq-cluster: for docker-compose.rabbitmq-cluster.yml (nodes rabbitmq-1..3).
 # The broker password is $RABBITMQ_PASSWORD when set (letters, digits, . _ ~ - only, so it needs
 # no escaping in the URL or the config file), else 32 random characters. Values go to
 # `docker secret create` on stdin: nothing is written to disk or shown, except a generated JWT
@@ -14,11 +18,12 @@
 # Secrets are immutable: to rotate one, create it under a new name and update the stack file.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
-jwt_file="" generate_jwt=""
+jwt_file="" generate_jwt="" cluster=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --rabbitmq-cluster) cluster=1; shift ;;
     --jwt-secret-file) jwt_file="${2:?--jwt-secret-file needs a file}"; shift 2 ;;
     --generate-jwt-secret) generate_jwt=1; shift ;;
     -h|--help) usage ;;
@@ -62,7 +67,14 @@ create() { # name, value on stdin
 }
 
 printf 'default_user = wsnotify\ndefault_pass = %s\n' "$password" | create wsnotify_rabbitmq_credentials
-printf 'amqp://wsnotify:%s@rabbitmq:5672/%%2f' "$password" | create wsnotify_amqp_url
+if [ -n "$cluster" ]; then
+  # The gateway fails over between the nodes in this order.
+  printf 'amqp://wsnotify:%s@rabbitmq-1:5672/%%2f,amqp://wsnotify:%s@rabbitmq-2:5672/%%2f,amqp://wsnotify:%s@rabbitmq-3:5672/%%2f' \
+    "$password" "$password" "$password" | create wsnotify_amqp_url
+  random 64 | create wsnotify_rabbitmq_erlang_cookie
+else
+  printf 'amqp://wsnotify:%s@rabbitmq:5672/%%2f' "$password" | create wsnotify_amqp_url
+fi
 printf '%s' "$jwt" | create wsnotify_jwt_secret
 
 if [ -n "$generate_jwt" ]; then

@@ -44,6 +44,16 @@ cargo test --locked --test broker_restart -- --ignored --test-threads=1 2>&1 | t
 count_cargo
 ensure_rabbitmq || status=1
 
+# Alone too: forming a 3-node RabbitMQ cluster (scripts/cluster.sh, beside the shared broker)
+# takes 15-40 s of both cores, which would slow the timed tests above. Clusters left behind by
+# an interrupted earlier run are removed first.
+log "RabbitMQ cluster tests (a 3-node cluster on loopback; runs alone)"
+scripts/cluster.sh prune || true
+cargo test --locked --test cluster -- --ignored --test-threads=1 2>&1 | tee "$out"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+count_cargo
+scripts/cluster.sh prune || true
+
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 echo
 echo "tests: $passed passed, $failed failed"
