@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tokio::process::Command;
 use wsnotify::amqp::confirm::ConfirmChannel;
 
-use crate::common::within;
+use crate::common::{WAIT, within};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
 /// Above the script's own bound for a start or restart (WSNOTIFY_CLUSTER_TIMEOUT, 180 s).
@@ -273,7 +273,7 @@ impl Cluster {
             let mut args = BasicPublishArguments::new("", queue);
             args.mandatory(true);
             confirms.push(
-                ch.publish(props, body.clone(), args)
+                ch.publish(props, body.clone(), args, WAIT)
                     .await
                     .unwrap_or_else(|e| panic!("publish to {queue} on node {i}: {e}")),
             );
