@@ -29,12 +29,14 @@ struct Cli {
 enum Cmd {
     /// Run the suite against a server that is already running.
     Run {
-        /// WebSocket URL of the server (its /metrics is read from the same address).
-        #[arg(long, default_value = "ws://127.0.0.1:8081/ws")]
-        url: String,
-        /// The server's process id, for RSS and CPU from /proc.
-        #[arg(long)]
-        pid: Option<u32>,
+        /// WebSocket URL of the server (its /metrics is read from the same address). Repeat
+        /// it for several replicas: the connections are spread evenly over them.
+        #[arg(long = "url", default_value = "ws://127.0.0.1:8081/ws")]
+        urls: Vec<String>,
+        /// The server's process id, for RSS and CPU from /proc (repeat it, in the order of
+        /// the URLs, for several replicas: the figures are summed).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
         /// Queue the server consumes.
         #[arg(long, default_value = "websocket_notifications")]
         queue: String,
@@ -53,6 +55,10 @@ enum Cmd {
         /// Only this server (`wsnotify` or `baseline`).
         #[arg(long)]
         only: Option<String>,
+        /// wsnotify processes on the same notify queue (replicas of one gateway); the
+        /// connections are spread evenly over them. The baseline always runs as one process.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
         /// Extra environment for wsnotify, `KEY=VALUE` (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
@@ -179,16 +185,16 @@ impl SuiteOpts {
 
     fn config(
         &self,
-        url: String,
+        urls: Vec<String>,
         queue: String,
-        pid: Option<u32>,
+        pids: Vec<u32>,
         label: &str,
     ) -> Result<SuiteConfig, String> {
         Ok(SuiteConfig {
-            url,
+            urls,
             amqp_url: self.amqp_url.clone(),
             queue,
-            pid,
+            pids,
             broker_pid: self
                 .broker_pid
                 .or_else(|| loadtest::procstat::find_by_name("beam.smp")),
@@ -294,18 +300,19 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Run {
-            url,
-            pid,
+            urls,
+            pids,
             queue,
             opts,
-        } => runtime_current().block_on(run(url, pid, queue, opts)),
+        } => runtime_current().block_on(run(urls, pids, queue, opts)),
         Cmd::Compare {
             wsnotify,
             repeat,
             only,
+            replicas,
             env,
             opts,
-        } => runtime_current().block_on(compare(wsnotify, repeat, only, env, opts)),
+        } => runtime_current().block_on(compare(wsnotify, repeat, only, replicas, env, opts)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -333,8 +340,18 @@ fn commit() -> String {
         .unwrap_or_default()
 }
 
-async fn run(url: String, pid: Option<u32>, queue: String, opts: SuiteOpts) -> Result<(), String> {
-    let cfg = opts.config(url, queue, pid, "server")?;
+async fn run(
+    urls: Vec<String>,
+    pids: Vec<u32>,
+    queue: String,
+    opts: SuiteOpts,
+) -> Result<(), String> {
+    let label = if urls.len() > 1 {
+        format!("server ×{}", urls.len())
+    } else {
+        "server".to_owned()
+    };
+    let cfg = opts.config(urls, queue, pids, &label)?;
     let r = Suite::run(cfg).await?;
     let table = report::table(&r);
     if opts.json {
@@ -346,27 +363,92 @@ async fn run(url: String, pid: Option<u32>, queue: String, opts: SuiteOpts) -> R
     Ok(())
 }
 
-async fn compare(
-    wsnotify: PathBuf,
-    repeat: usize,
-    only: Option<String>,
-    env: Vec<String>,
-    opts: SuiteOpts,
-) -> Result<(), String> {
-    let env: Vec<(String, String)> = env
-        .iter()
+fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, String> {
+    env.iter()
         .map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .ok_or_else(|| format!("--env {kv}: expected KEY=VALUE"))
         })
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+/// One suite against a fresh server of `kind` (`replicas` processes for wsnotify, always one
+/// for the baseline) on a fresh queue, which is removed afterwards whatever happened.
+async fn run_one(
+    kind: &Kind,
+    replicas: usize,
+    env: &[(String, String)],
+    opts: &SuiteOpts,
+    label: &str,
+) -> Result<SuiteResult, String> {
+    let replicas = match kind {
+        Kind::Wsnotify(_) => replicas.max(1),
+        Kind::Baseline(_) => 1,
+    };
+    let queue = format!(
+        "loadtest_{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    let admin = Publisher::connect(&opts.amqp_url, &queue, 0).await?;
+    admin.declare().await?;
+    let result = async {
+        let servers =
+            Server::start_replicas(kind, replicas, &queue, &opts.amqp_url, &opts.auth(), env)
+                .await?;
+        let urls = servers
+            .iter()
+            .map(|s| format!("ws://{}/ws", s.addr))
+            .collect();
+        let pids = servers.iter().map(|s| s.pid).collect();
+        let r = match opts.config(urls, queue.clone(), pids, label) {
+            Ok(cfg) => Suite::run(cfg).await,
+            Err(e) => Err(e),
+        };
+        for s in servers {
+            s.stop().await;
+        }
+        r
+    }
+    .await;
+    admin.delete().await;
+    admin.close().await;
+    result
+}
+
+fn label(kind: &Kind, replicas: usize, round: usize) -> String {
+    match kind {
+        Kind::Wsnotify(_) if replicas > 1 => format!("wsnotify ×{replicas} #{round}"),
+        _ => format!("{} #{round}", kind.label()),
+    }
+}
+
+async fn compare(
+    wsnotify: PathBuf,
+    repeat: usize,
+    only: Option<String>,
+    replicas: usize,
+    env: Vec<String>,
+    opts: SuiteOpts,
+) -> Result<(), String> {
+    let env = parse_env(&env)?;
     let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
     let kinds = [Kind::Wsnotify(wsnotify), Kind::Baseline(exe)];
     let kinds: Vec<&Kind> = kinds
         .iter()
         .filter(|k| only.as_deref().is_none_or(|o| o == k.label()))
         .collect();
+    if kinds.is_empty() {
+        return Err(format!(
+            "--only {}: expected wsnotify or baseline",
+            only.unwrap_or_default()
+        ));
+    }
+    if replicas > 1 && kinds.iter().any(|k| matches!(k, Kind::Baseline(_))) {
+        eprintln!(
+            "loadtest: wsnotify runs as {replicas} replicas on one queue; the baseline runs as one process (single hop: it consumes the notify queue itself)"
+        );
+    }
     let mut ours: Vec<SuiteResult> = Vec::new();
     let mut base: Vec<SuiteResult> = Vec::new();
     for round in 0..repeat.max(1) {
@@ -376,26 +458,14 @@ async fn compare(
             order.reverse();
         }
         for kind in order {
-            let queue = format!(
-                "loadtest_{}",
-                &uuid::Uuid::now_v7().simple().to_string()[20..]
-            );
-            let admin = Publisher::connect(&opts.amqp_url, &queue, 0).await?;
-            admin.declare().await?;
-            let result = async {
-                let server =
-                    Server::start(kind, &queue, &opts.amqp_url, &opts.auth(), &env).await?;
-                let url = format!("ws://{}/ws", server.addr);
-                let label = format!("{} #{}", kind.label(), round + 1);
-                let cfg = opts.config(url, queue.clone(), Some(server.pid), &label)?;
-                let r = Suite::run(cfg).await;
-                server.stop().await;
-                r
-            }
-            .await;
-            admin.delete().await;
-            admin.close().await;
-            let r = result?;
+            let r = run_one(
+                kind,
+                replicas,
+                &env,
+                &opts,
+                &label(kind, replicas, round + 1),
+            )
+            .await?;
             eprintln!("{}", report::table(&r));
             match kind {
                 Kind::Wsnotify(_) => ours.push(r),
@@ -408,6 +478,7 @@ async fn compare(
         eprintln!("{cmp}");
         print_json(&serde_json::json!({
             "commit": commit(),
+            "replicas": replicas.max(1),
             "wsnotify": ours,
             "baseline": base,
         }));

@@ -64,6 +64,16 @@ pub fn delta(before: &Buckets, after: &Buckets) -> Buckets {
         .collect()
 }
 
+/// `a + b`, bucket by bucket (the same histogram from two processes).
+pub fn add(a: &Buckets, b: &Buckets) -> Buckets {
+    a.iter()
+        .map(|&(le, n)| {
+            let more = b.iter().find(|(l, _)| *l == le).map_or(0, |&(_, c)| c);
+            (le, n + more)
+        })
+        .collect()
+}
+
 /// Upper bound of the bucket holding quantile `q`, and the sample count.
 pub fn quantile(b: &Buckets, q: f64) -> Option<(f64, u64)> {
     let total = b.last()?.1;
@@ -89,6 +99,10 @@ mod tests {
         assert_eq!(quantile(&h, 0.999).unwrap().0, f64::INFINITY);
         let d = delta(&vec![(0.00001, 5), (0.0001, 9), (f64::INFINITY, 10)], &h);
         assert_eq!(d, vec![(0.00001, 0), (0.0001, 90), (f64::INFINITY, 90)]);
+        assert_eq!(
+            add(&d, &h),
+            vec![(0.00001, 5), (0.0001, 189), (f64::INFINITY, 190)]
+        );
         assert!(histogram(text, "y").is_none());
     }
 }

@@ -5,8 +5,8 @@
 
 use amqprs::BasicProperties;
 use amqprs::channel::{
-    BasicPublishArguments, Channel, QueueDeclareArguments, QueueDeleteArguments,
-    QueuePurgeArguments,
+    BasicPublishArguments, Channel, ExchangeDeleteArguments, QueueDeclareArguments,
+    QueueDeleteArguments, QueuePurgeArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 
@@ -95,10 +95,23 @@ impl Publisher {
             .map_err(|e| format!("purge {}: {e}", self.queue))
     }
 
-    /// Deletes the queue and its `.dead` companion.
+    /// Deletes what a run on queue `q` leaves on the broker, for any gateway topology: `q`,
+    /// `q.dead`, the fan-out exchange `q.fanout` and the fan-out log stream `q.log`. Whatever
+    /// does not exist is skipped. Each delete gets its own channel, because a failed delete
+    /// closes the channel it ran on. (Each wsnotify replica's own queue expires by itself.)
     pub async fn delete(&self) {
-        for q in [self.queue.clone(), format!("{}.dead", self.queue)] {
-            let _ = self.ch.queue_delete(QueueDeleteArguments::new(&q)).await;
+        let q = &self.queue;
+        for name in [q.clone(), format!("{q}.dead"), format!("{q}.log")] {
+            if let Ok(ch) = self.conn.open_channel(None).await {
+                let _ = ch.queue_delete(QueueDeleteArguments::new(&name)).await;
+                let _ = ch.close().await;
+            }
+        }
+        if let Ok(ch) = self.conn.open_channel(None).await {
+            let _ = ch
+                .exchange_delete(ExchangeDeleteArguments::new(&format!("{q}.fanout")))
+                .await;
+            let _ = ch.close().await;
         }
     }
 

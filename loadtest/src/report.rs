@@ -25,6 +25,13 @@ fn figures() -> Vec<Figure> {
     use Better::*;
     vec![
         Figure {
+            name: "server processes (RSS, CPU summed)",
+            unit: "",
+            target: None,
+            better: Info,
+            get: |r| Some(r.replicas as f64),
+        },
+        Figure {
             name: "connections open",
             unit: "",
             target: None,
@@ -130,6 +137,30 @@ fn figures() -> Vec<Figure> {
             get: |r| r.sustained.as_ref().and_then(|d| d.server_cpu_per_mframes),
         },
         Figure {
+            name: "sustained server CPU per broadcast",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| {
+                r.sustained
+                    .as_ref()
+                    .and_then(|d| d.server_cpu_per_msg_us)
+                    .map(|v| v / 1e3)
+            },
+        },
+        Figure {
+            name: "sustained broker CPU per broadcast",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| {
+                r.sustained
+                    .as_ref()
+                    .and_then(|d| d.broker_cpu_per_msg_us)
+                    .map(|v| v / 1e3)
+            },
+        },
+        Figure {
             name: "unicast p99 publish→receive",
             unit: "ms",
             target: Some(5.0),
@@ -151,11 +182,18 @@ fn figures() -> Vec<Figure> {
             get: |r| r.unicast.as_ref().map(|d| d.complete_pct),
         },
         Figure {
-            name: "unicast server CPU per message",
+            name: "unicast server CPU per notification",
             unit: "µs",
             target: None,
             better: Lower,
-            get: |r| r.unicast.as_ref().and_then(|d| d.server_cpu_per_mframes),
+            get: |r| r.unicast.as_ref().and_then(|d| d.server_cpu_per_msg_us),
+        },
+        Figure {
+            name: "unicast broker CPU per notification",
+            unit: "µs",
+            target: None,
+            better: Lower,
+            get: |r| r.unicast.as_ref().and_then(|d| d.broker_cpu_per_msg_us),
         },
         Figure {
             name: "unicast cores: server",
@@ -285,6 +323,31 @@ pub fn table(r: &SuiteResult) -> String {
             meets(&f, v)
         );
     }
+    if r.servers.len() > 1 {
+        for (i, s) in r.servers.iter().enumerate() {
+            let mb = |b: Option<u64>| b.map_or("–".into(), |b| format!("{:.1}", b as f64 / 1e6));
+            let cores = |d: &Option<crate::suite::Delivery>| {
+                d.as_ref()
+                    .and_then(|d| d.server_cores_each.get(i).copied().flatten())
+                    .map_or("–".into(), |c| format!("{c:.2}"))
+            };
+            let _ = writeln!(
+                out,
+                "replica {} (pid {}, {} connections): RSS MB start {} idle {} after burst {} after disconnect {}; cores fanout {} sustained {} unicast {}; CPU {:.1} s",
+                i + 1,
+                s.pid,
+                s.connected,
+                mb(s.rss_start),
+                mb(s.rss_idle),
+                mb(s.rss_after_burst),
+                mb(s.rss_after_disconnect),
+                cores(&r.fanout),
+                cores(&r.sustained),
+                cores(&r.unicast),
+                s.cpu_secs.unwrap_or(0.0)
+            );
+        }
+    }
     if r.failed > 0 || r.dropped > 0 || r.server_closes.iter().any(|&c| c > 0) {
         let _ = writeln!(
             out,
@@ -317,6 +380,13 @@ pub fn comparison(ours: &[SuiteResult], base: &[SuiteResult]) -> String {
         ours.len(),
         base.len()
     );
+    if let Some(n) = ours.iter().map(|r| r.replicas).max().filter(|&n| n > 1) {
+        let _ = writeln!(
+            out,
+            "wsnotify: {n} replicas on one notify queue (RSS and CPU summed over them). The baseline \
+             runs as one process and is single-hop: it consumes the notify queue itself."
+        );
+    }
     let _ = writeln!(
         out,
         "| {:<42} | {:>8} | {:>14} | {:>14} | {:>14} | {:>14} | {:>4} |",

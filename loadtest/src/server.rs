@@ -1,5 +1,6 @@
 //! Starting and stopping the server under test (for `loadtest compare`): wsnotify from its
-//! binary, or the [baseline](crate::baseline) from this binary. Both listen on an OS-chosen
+//! binary (one process or several replicas on one queue), or the [baseline](crate::baseline)
+//! from this binary. Both listen on an OS-chosen
 //! port and announce it on stdout with `listening … addr=IP:PORT`.
 
 use std::net::SocketAddr;
@@ -107,20 +108,72 @@ impl Server {
             .await
             .map_err(|_| format!("{} did not print its listening address", kind.label()))?
             .map_err(|_| format!("{} exited before listening", kind.label()))?;
-        if matches!(kind, Kind::Wsnotify(_)) {
-            let ready = async {
-                loop {
-                    if let Some((200, _)) = http_get(addr, "/readyz").await {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(20), ready)
-                .await
-                .map_err(|_| "wsnotify never became ready".to_owned())?;
+        let server = Server { child, pid, addr };
+        if matches!(kind, Kind::Wsnotify(_))
+            && let Err(e) = server.ready(Duration::from_secs(20)).await
+        {
+            server.stop().await;
+            return Err(e);
         }
-        Ok(Server { child, pid, addr })
+        Ok(server)
+    }
+
+    /// Starts `n` processes of `kind` on the same queue (replicas of one gateway), one after
+    /// the other, and returns once every one of them answers `/readyz` with 200 (the baseline:
+    /// serves). If one fails to start, the others are stopped.
+    pub async fn start_replicas(
+        kind: &Kind,
+        n: usize,
+        queue: &str,
+        amqp_url: &str,
+        auth: &Auth,
+        env: &[(String, String)],
+    ) -> Result<Vec<Server>, String> {
+        let mut servers = Vec::with_capacity(n);
+        let mut res = Ok(());
+        for _ in 0..n.max(1) {
+            match Server::start(kind, queue, amqp_url, auth, env).await {
+                Ok(s) => servers.push(s),
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        // A replica started early could have lost its broker link while the others came up.
+        if res.is_ok() && matches!(kind, Kind::Wsnotify(_)) {
+            for s in &servers {
+                if let Err(e) = s.ready(Duration::from_secs(20)).await {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        match res {
+            Ok(()) => Ok(servers),
+            Err(e) => {
+                for s in servers {
+                    s.stop().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits (bounded) until `/readyz` answers 200.
+    async fn ready(&self, limit: Duration) -> Result<(), String> {
+        let addr = self.addr;
+        let ready = async {
+            loop {
+                if let Some((200, _)) = http_get(addr, "/readyz").await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(limit, ready)
+            .await
+            .map_err(|_| format!("wsnotify at {addr} never became ready"))
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within 15 s.

@@ -76,12 +76,14 @@ impl Phases {
 
 #[derive(Debug, Clone)]
 pub struct SuiteConfig {
-    /// `ws://IP:PORT/path` of the server.
-    pub url: String,
+    /// `ws://IP:PORT/path` of each server process (replicas of one gateway on one queue);
+    /// the connections are spread evenly over them.
+    pub urls: Vec<String>,
     pub amqp_url: String,
     pub queue: String,
-    /// Server process for RSS and CPU (none: those figures are left out).
-    pub pid: Option<u32>,
+    /// Server processes for RSS and CPU, one per URL (empty: those figures are left out).
+    /// Figures are summed over them; per-process readings are in [`SuiteResult::servers`].
+    pub pids: Vec<u32>,
     /// Broker process (RabbitMQ's `beam.smp`), for its CPU share.
     pub broker_pid: Option<u32>,
     pub connections: usize,
@@ -148,6 +150,11 @@ pub struct Delivery {
     pub latency: Latency,
     /// Server CPU seconds per million frames delivered.
     pub server_cpu_per_mframes: Option<f64>,
+    /// Server CPU (all replicas) and broker CPU over the phase ÷ notifications published, µs.
+    pub server_cpu_per_msg_us: Option<f64>,
+    pub broker_cpu_per_msg_us: Option<f64>,
+    /// Cores each server process was busy during the phase (one entry per replica).
+    pub server_cores_each: Vec<Option<f64>>,
     /// Worker processes' CPU seconds per million frames received.
     pub client_cpu_per_mframes: f64,
     /// Cores busy during the phase (CPU seconds ÷ wall seconds, first publish to last frame):
@@ -164,9 +171,28 @@ pub struct Delivery {
     pub gateway_samples: Option<u64>,
 }
 
+/// One server process's own readings (a replica, or the only process).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerFigures {
+    pub pid: u32,
+    pub url: String,
+    /// Connections opened to it.
+    pub connected: u64,
+    pub rss_start: Option<u64>,
+    pub rss_idle: Option<u64>,
+    pub rss_after_burst: Option<u64>,
+    pub rss_after_disconnect: Option<u64>,
+    /// CPU seconds from before the first connect to the end of the suite.
+    pub cpu_secs: Option<f64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SuiteResult {
     pub label: String,
+    /// Server processes measured; RSS and CPU figures are their sums.
+    pub replicas: usize,
+    /// Per process, in the order of [`SuiteConfig::urls`].
+    pub servers: Vec<ServerFigures>,
     pub connections: usize,
     pub connected: u64,
     pub failed: u64,
@@ -201,7 +227,8 @@ pub struct Suite {
     workers: Vec<Worker>,
     /// Users that are connected, for unicast targets.
     live_users: Vec<String>,
-    http: SocketAddr,
+    /// HTTP address of each server process (for `/metrics`).
+    http: Vec<SocketAddr>,
     progress: Arc<Progress>,
     open_at_start: u64,
 }
@@ -210,10 +237,32 @@ fn sum<T: Copy + Into<f64>>(xs: impl Iterator<Item = T>) -> f64 {
     xs.map(Into::into).sum()
 }
 
+/// `f` of every process, summed; `None` if there are no processes or any reading failed.
+fn sum_each<T: std::iter::Sum<T>>(pids: &[u32], f: impl Fn(u32) -> Option<T>) -> Option<T> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| f(p)).sum()
+}
+
 impl Suite {
     /// Runs the whole suite and returns its figures. Workers are stopped in every case.
     pub async fn run(cfg: SuiteConfig) -> Result<SuiteResult, String> {
-        let (http, _) = Target::parse_url(&cfg.url)?;
+        if cfg.urls.is_empty() {
+            return Err("no server URL".into());
+        }
+        if !cfg.pids.is_empty() && cfg.pids.len() != cfg.urls.len() {
+            return Err(format!(
+                "{} server URLs but {} process ids",
+                cfg.urls.len(),
+                cfg.pids.len()
+            ));
+        }
+        let http = cfg
+            .urls
+            .iter()
+            .map(|u| Target::parse_url(u).map(|(a, _)| a))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut suite = Suite {
             cfg,
             workers: Vec::new(),
@@ -240,12 +289,22 @@ impl Suite {
         *crate::client::lock(&self.progress.phase) = name;
     }
 
+    /// RSS summed over the server processes (`None` if there are none or one is gone).
     fn rss(&self) -> Option<u64> {
-        self.cfg.pid.and_then(rss_bytes)
+        sum_each(&self.cfg.pids, rss_bytes)
     }
 
+    fn rss_each(&self) -> Vec<Option<u64>> {
+        self.cfg.pids.iter().map(|&p| rss_bytes(p)).collect()
+    }
+
+    /// CPU seconds summed over the server processes.
     fn cpu(&self) -> Option<f64> {
-        self.cfg.pid.and_then(cpu_secs)
+        sum_each(&self.cfg.pids, cpu_secs)
+    }
+
+    fn cpu_each(&self) -> Vec<Option<f64>> {
+        self.cfg.pids.iter().map(|&p| cpu_secs(p)).collect()
     }
 
     fn frames(&self) -> u64 {
@@ -265,7 +324,7 @@ impl Suite {
             .iter()
             .map(|w| (w.frames.clone(), w.open.clone(), w.connected.clone()))
             .collect();
-        let pid = self.cfg.pid;
+        let pids = self.cfg.pids.clone();
         let label = self.cfg.label.clone();
         let tty = std::io::stderr().is_terminal();
         tokio::spawn(async move {
@@ -281,8 +340,7 @@ impl Suite {
                 let rate = frames.saturating_sub(last.1) as f64
                     / now.duration_since(last.0).as_secs_f64().max(1e-3);
                 last = (now, frames);
-                let rss = pid
-                    .and_then(rss_bytes)
+                let rss = sum_each(&pids, rss_bytes)
                     .map_or("-".into(), |r| format!("{:.1} MB", r as f64 / 1e6));
                 let phase = *crate::client::lock(&progress.phase);
                 let line = format!(
@@ -312,7 +370,11 @@ impl Suite {
         publisher.persistent(cfg.persistent);
 
         // ---- connect
-        let procs = cfg.procs.clamp(1, cfg.connections.max(1));
+        // Every server process gets the same number of workers, so the connections spread
+        // evenly over the replicas.
+        let replicas = cfg.urls.len();
+        let procs = cfg.procs.max(1).div_ceil(replicas) * replicas;
+        let procs = procs.clamp(1, cfg.connections.max(1));
         let per = cfg.connections.div_ceil(procs);
         let prefix = format!("lt{}-", &uuid::Uuid::now_v7().simple().to_string()[24..]);
         let phase_secs = |frames: f64| 30.0 + frames / 100_000.0;
@@ -334,7 +396,8 @@ impl Suite {
             let src = cfg.src_base.octets();
             let src = Ipv4Addr::new(src[0], src[1], src[2], src[3].wrapping_add(i as u8));
             let args = WorkerArgs {
-                url: cfg.url.clone(),
+                // Worker i connects to server i mod R; `procs` is a multiple of R.
+                url: cfg.urls[i % cfg.urls.len()].clone(),
                 src: Some(IpAddr::V4(src)),
                 users: user_ids(&prefix, first, count),
                 auth: cfg.auth.clone(),
@@ -345,7 +408,22 @@ impl Suite {
                 .push(Worker::spawn(&cfg.exe, &args, &prefix, first)?);
         }
         self.spawn_progress();
+        res.replicas = replicas;
+        res.servers = cfg
+            .urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| ServerFigures {
+                pid: cfg.pids.get(i).copied().unwrap_or(0),
+                url: url.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let cpu_start = self.cpu_each();
         res.rss_start = self.rss();
+        for (s, r) in res.servers.iter_mut().zip(self.rss_each()) {
+            s.rss_start = r;
+        }
         let cpu0 = self.cpu();
         self.phase("connect");
         let limit = Duration::from_secs_f64(30.0 + cfg.connections as f64 / 500.0);
@@ -367,6 +445,9 @@ impl Suite {
             };
             res.connected += connected;
             res.failed += failed;
+            if let Some(s) = res.servers.iter_mut().find(|s| s.url == w.url) {
+                s.connected += connected;
+            }
             first_us = first_us.min(f);
             last_us = last_us.max(l);
             crate::worker::add_buckets(&mut hs, &handshake);
@@ -394,6 +475,9 @@ impl Suite {
         self.phase("idle");
         tokio::time::sleep(cfg.settle).await;
         res.rss_idle = self.rss();
+        for (s, r) in res.servers.iter_mut().zip(self.rss_each()) {
+            s.rss_idle = r;
+        }
         if let (Some(a), Some(b)) = (res.rss_start, res.rss_idle) {
             res.idle_bytes_per_conn = Some((b as f64 - a as f64) / res.connected as f64);
         }
@@ -409,6 +493,9 @@ impl Suite {
             self.phase("settle");
             tokio::time::sleep(cfg.settle).await;
             res.rss_after_burst = self.rss();
+            for (s, r) in res.servers.iter_mut().zip(self.rss_each()) {
+                s.rss_after_burst = r;
+            }
             if let (Some(a), Some(b)) = (res.rss_idle, res.rss_after_burst) {
                 res.burst_kept_bytes_per_conn =
                     Some((b as f64 - a as f64) / self.open_now().max(1) as f64);
@@ -451,9 +538,15 @@ impl Suite {
             self.phase("drained");
             tokio::time::sleep(cfg.disconnect_wait).await;
             res.rss_after_disconnect = self.rss();
+            for (s, r) in res.servers.iter_mut().zip(self.rss_each()) {
+                s.rss_after_disconnect = r;
+            }
             if let (Some(a), Some(b)) = (res.rss_start, res.rss_after_disconnect) {
                 res.rss_after_disconnect_over_start = Some(b as i64 - a as i64);
             }
+        }
+        for ((s, a), b) in res.servers.iter_mut().zip(cpu_start).zip(self.cpu_each()) {
+            s.cpu_secs = a.zip(b).map(|(a, b)| b - a);
         }
         publisher.close().await;
         Ok(res)
@@ -477,9 +570,19 @@ impl Suite {
             .collect()
     }
 
+    /// The gateway's delivery-latency histogram, summed over the server processes (`None` if
+    /// any of them does not expose it).
     async fn gateway_hist(&self) -> Option<crate::prom::Buckets> {
-        let (_, body) = crate::prom::http_get(self.http, "/metrics").await?;
-        crate::prom::histogram(&body, GATEWAY_LATENCY_METRIC)
+        let mut total: Option<crate::prom::Buckets> = None;
+        for &addr in &self.http {
+            let (_, body) = crate::prom::http_get(addr, "/metrics").await?;
+            let h = crate::prom::histogram(&body, GATEWAY_LATENCY_METRIC)?;
+            total = Some(match total {
+                None => h,
+                Some(t) => crate::prom::add(&t, &h),
+            });
+        }
+        total
     }
 
     /// Publishes `n` messages (back to back if `rate` is 0, else paced at `rate`/s), waits for
@@ -495,6 +598,7 @@ impl Suite {
         let before = self.reports().await?;
         let client_cpu0 = sum(before.iter().map(|r| r.cpu_secs));
         let gw0 = self.gateway_hist().await;
+        let each0 = self.cpu_each();
         let cpu0 = self.cpu();
         let broker0 = self.cfg.broker_pid.and_then(cpu_secs);
         let machine0 = crate::procstat::machine_busy_secs();
@@ -545,6 +649,7 @@ impl Suite {
         // Ticks lag by up to 250 ms: ask for exact figures.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let cpu1 = self.cpu();
+        let each1 = self.cpu_each();
         let broker1 = self.cfg.broker_pid.and_then(cpu_secs);
         let machine1 = crate::procstat::machine_busy_secs();
         let wall = started.elapsed().as_secs_f64();
@@ -583,6 +688,19 @@ impl Suite {
             } else {
                 0.0
             },
+            server_cpu_per_msg_us: cpu0
+                .zip(cpu1)
+                .filter(|_| n > 0)
+                .map(|(a, b)| (b - a) * 1e6 / n as f64),
+            broker_cpu_per_msg_us: broker0
+                .zip(broker1)
+                .filter(|_| n > 0)
+                .map(|(a, b)| (b - a) * 1e6 / n as f64),
+            server_cores_each: each0
+                .iter()
+                .zip(&each1)
+                .map(|(a, b)| a.zip(*b).map(|(a, b)| (b - a) / wall))
+                .collect(),
             server_cores: cpu0.zip(cpu1).map(|(a, b)| (b - a) / wall),
             broker_cores: broker0.zip(broker1).map(|(a, b)| (b - a) / wall),
             client_cores: (client_cpu1 - client_cpu0) / wall,

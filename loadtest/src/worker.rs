@@ -237,6 +237,8 @@ pub struct Worker {
     pub connected: Arc<AtomicU64>,
     /// Users this worker connects, in order.
     pub users: Vec<String>,
+    /// The server it connects to.
+    pub url: String,
 }
 
 impl Worker {
@@ -308,6 +310,7 @@ impl Worker {
             open,
             connected,
             users: args.users.clone(),
+            url: args.url.clone(),
         })
     }
 
