@@ -271,10 +271,8 @@ impl Consumer {
         .map_err(e("register callback"))?;
         declare_queue(conn, &cfg.queue).await?;
         declare_log(conn, &cfg.log, cfg.history_window).await?;
+        declare_dead_letter_queue(conn, &cfg.dead_queue, cfg.url.len() > 1).await;
         let ch = conn.open_channel(None).await.map_err(e("open channel"))?;
-        ch.queue_declare(QueueDeclareArguments::durable_client_named(&cfg.dead_queue))
-            .await
-            .map_err(e("declare dead-letter queue"))?;
         let publisher = Arc::new(
             ConfirmChannel::open(conn)
                 .await
@@ -440,6 +438,36 @@ pub(crate) async fn declare_queue(conn: &Connection, queue: &str) -> Result<(), 
         .map_err(|e| format!("declare {queue}: {e}"))?;
     let _ = ch.close().await;
     Ok(())
+}
+
+/// Declares the dead-letter queue unless it exists: on a cluster (several nodes in
+/// `AMQP_URL`) as a quorum queue, so it outlives the loss of a node. A failure is only
+/// logged: until the queue is back, invalid messages wait in the notify queue (the taker
+/// cannot get their dead-letter copies confirmed, so it does not ack them).
+async fn declare_dead_letter_queue(conn: &Connection, queue: &str, cluster: bool) {
+    if exists(conn, queue).await.unwrap_or(false) {
+        return;
+    }
+    let mut args = FieldTable::new();
+    if cluster && let Ok(k) = "x-queue-type".try_into() {
+        args.insert(k, "quorum".into());
+    }
+    let declared = async {
+        let ch = conn.open_channel(None).await?;
+        let r = ch
+            .queue_declare(
+                QueueDeclareArguments::new(queue)
+                    .durable(true)
+                    .arguments(args)
+                    .finish(),
+            )
+            .await;
+        let _ = ch.close().await;
+        r
+    };
+    if let Err(e) = declared.await {
+        warn!(queue, error = %e, "cannot declare the dead-letter queue; invalid messages wait until it is available");
+    }
 }
 
 /// Declares the fan-out log, a stream, unless it exists (whoever declared it first set its

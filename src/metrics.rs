@@ -11,6 +11,7 @@ pub struct Metrics {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub messages_ingested: AtomicU64,
+    pub log_records: AtomicU64,
     pub api_published: AtomicU64,
     pub duplicates_dropped: AtomicU64,
     pub messages_delivered: AtomicU64,
@@ -142,6 +143,11 @@ impl Metrics {
             "wsnotify_ingested_total",
             "Messages this replica took from the notify queue and fanned out to every replica.",
             &[("", get(&self.messages_ingested))],
+        );
+        counter(
+            "wsnotify_log_records_total",
+            "Records this replica appended to the fan-out log as the taker (wsnotify_ingested_total ÷ this is the average number of notifications per record).",
+            &[("", get(&self.log_records))],
         );
         counter(
             "wsnotify_duplicates_dropped_total",

@@ -206,6 +206,9 @@ impl Taker {
                         .await
                         .map_err(|e| format!("ack: {e}"))?;
                     self.metrics.messages_ingested.fetch_add(s.ingested, Ordering::Relaxed);
+                    if s.ingested > 0 {
+                        self.metrics.log_records.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.metrics.messages_dead_lettered.fetch_add(s.dead_lettered, Ordering::Relaxed);
                 }
                 _ = stop.changed(), if consuming => {
@@ -249,7 +252,10 @@ impl Taker {
                     headers.insert(key, FieldValue::from(reason.as_str()));
                 }
                 props.with_headers(headers).with_persistence(true);
-                let args = BasicPublishArguments::new("", &self.cfg.dead_queue);
+                // Mandatory: if the dead-letter queue is gone, the copy comes back as an error
+                // and the message stays in the notify queue.
+                let mut args = BasicPublishArguments::new("", &self.cfg.dead_queue);
+                args.mandatory(true);
                 let confirm = self
                     .publisher
                     .publish(props, body, args, CONFIRM_TIMEOUT)
