@@ -308,10 +308,9 @@ cmd_start() {
   load "$NAME"
 
   # Configuration: the listener on loopback only, guest allowed over loopback, no plugins.
-  # All nodes boot at once; node 1 forms the cluster and nodes 2..N, which list only node 1 for
-  # classic_config peer discovery, join it as they boot. That overlaps the boots (about 25%
-  # faster here than node 1 first, then the others) and needs no stop_app / join_cluster /
-  # start_app; it is also the mechanism the Swarm file uses.
+  # Node 1 forms the cluster and nodes 2..N, which list only node 1 for classic_config peer
+  # discovery, join it as they boot (together, once node 1 is up). That needs no stop_app /
+  # join_cluster / start_app; it is also the mechanism the Swarm file uses.
   echo '[].' >"$DIR/conf/enabled_plugins"
   : >"$DIR/conf/rabbitmq-env.conf"
   for ((i = 1; i <= NODES; i++)); do
@@ -323,8 +322,8 @@ cmd_start() {
       if [ "$i" -gt 1 ]; then
         echo "cluster_formation.peer_discovery_backend = classic_config"
         echo "cluster_formation.classic_config.nodes.1 = $NODE_1"
-        # Started together with node 1: keep looking for it (every 0.5 s) while it boots,
-        # instead of giving up after 5 s and running alone.
+        # Keep looking for node 1 (every 0.5 s) rather than giving up after 5 s and running
+        # alone.
         echo "cluster_formation.discovery_retry_limit = $((TIMEOUT * 2))"
         echo "cluster_formation.discovery_retry_interval = 500"
       fi
@@ -336,9 +335,14 @@ cmd_start() {
   if [ -n "$RUN_AS" ]; then chown -R "$RUN_AS:" "$DIR"/{home,conf,data,log,run}; fi
 
   say "starting $NAME: $NODES nodes, AMQP ports $(for ((i = 1; i <= NODES; i++)); do printf '%s ' "$(var AMQP_PORT "$i")"; done)(dir $DIR)"
-  # A node opens its AMQP listener last, once it has booted and joined its peers.
-  for ((i = 1; i <= NODES; i++)); do launch "$i"; done
-  for ((i = 1; i <= NODES; i++)); do
+  # A node opens its AMQP listener last, once it has booted and joined its peers. Node 1 boots
+  # alone first: a node that joins it while it is still creating its schema can fail with
+  # schema_integrity_check_failed (seen here); nodes 2..N then boot together.
+  launch 1
+  await_listener 1 "$deadline"
+  say "node 1 up after $(elapsed "$t0")"
+  for ((i = 2; i <= NODES; i++)); do launch "$i"; done
+  for ((i = 2; i <= NODES; i++)); do
     await_listener "$i" "$deadline"
     say "node $i up after $(elapsed "$t0")"
   done
