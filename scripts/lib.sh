@@ -57,6 +57,13 @@ ensure_chromium() {
   [ -x /usr/bin/chromium ] || apt_install chromium
 }
 
+# promtool (Debian's prometheus package) for deploy/prometheus/alerts.yml; ~18 s to install here.
+# Without recommends: no node exporter. The package also holds the Prometheus server; in a
+# container policy-rc.d keeps its service from starting, on a systemd host it would start.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 || apt_install --no-install-recommends prometheus
+}
+
 ensure_node() {
   command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 }

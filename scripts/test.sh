@@ -26,6 +26,17 @@ cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 count_cargo
 
+log "alert rules: promtool check rules, promtool test rules"
+if ensure_promtool; then
+  for check in "check rules deploy/prometheus/alerts.yml" "test rules deploy/prometheus/alerts.test.yml"; do
+    # shellcheck disable=SC2086
+    if promtool $check; then passed=$((passed + 1)); else failed=$((failed + 1)); status=1; fi
+  done
+else
+  log "promtool could not be installed: alert rules not checked"
+  failed=$((failed + 1)); status=1
+fi
+
 if [ -f client/package.json ]; then
   ensure_node && ensure_chromium || exit 1
   log "client: npm ci, build, test (headless Chromium)"

@@ -1,5 +1,6 @@
 //! Counters for `/metrics`, rendered in the Prometheus text format by hand: a handful of
 //! atomics needs no metrics framework, and the hot path only ever does a relaxed `fetch_add`.
+//! Also the standard `process_*` figures, read from `/proc/self` when `/metrics` is scraped.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,12 +58,7 @@ impl Metrics {
     pub fn render(&self, g: Gauges) -> String {
         let mut out = String::with_capacity(4096);
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut gauge = |name: &str, help: &str, v: u64| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-            );
-        };
+        let mut gauge = |name: &str, help: &str, v: u64| write_gauge(&mut out, name, help, v);
         gauge(
             "wsnotify_connections",
             "Open WebSocket connections.",
@@ -231,5 +227,158 @@ impl Metrics {
             &[("", get(&self.broker_connects))],
         );
         out
+    }
+}
+
+fn write_gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+    let _ = write!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+    );
+}
+
+/// `wsnotify_max_connections`: the configured limit, so dashboards and alerts can compare
+/// `wsnotify_connections` with it.
+pub fn render_limits(out: &mut String, max_connections: usize) {
+    write_gauge(
+        out,
+        "wsnotify_max_connections",
+        "MAX_CONNECTIONS: open WebSocket connections past which handshakes are refused with 503.",
+        max_connections,
+    );
+}
+
+/// Appends the `process_*` metrics of Prometheus's client libraries (same names and units, so
+/// stock dashboards work): resident memory, CPU time, start time, open and maximum file
+/// descriptors. Read from `/proc/self` on each scrape, never on the hot path. Where `/proc`
+/// cannot be read (not Linux), nothing is written.
+pub fn render_process(out: &mut String) {
+    let Some(p) = ProcessStats::read() else {
+        return;
+    };
+    write_gauge(
+        out,
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes.",
+        p.resident_bytes,
+    );
+    let _ = write!(
+        out,
+        "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}\n",
+        p.cpu_seconds
+    );
+    write_gauge(
+        out,
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds.",
+        p.start_time_seconds,
+    );
+    write_gauge(
+        out,
+        "process_open_fds",
+        "Number of open file descriptors (each connection holds one).",
+        p.open_fds,
+    );
+    write_gauge(
+        out,
+        "process_max_fds",
+        "Maximum number of open file descriptors (soft RLIMIT_NOFILE).",
+        p.max_fds,
+    );
+}
+
+struct ProcessStats {
+    resident_bytes: u64,
+    cpu_seconds: f64,
+    start_time_seconds: f64,
+    open_fds: usize,
+    max_fds: u64,
+}
+
+impl ProcessStats {
+    fn read() -> Option<Self> {
+        // SAFETY: sysconf only reads a configuration value.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let (ticks, page) = (
+            u64::try_from(ticks).ok().filter(|&t| t > 0)?,
+            u64::try_from(page).ok()?,
+        );
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let (utime, stime, start_ticks, rss_pages) = parse_stat(&stat)?;
+        // The start time in /proc/self/stat counts clock ticks from boot; boot is `btime`.
+        let boot: u64 = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+        // Listing the directory holds one descriptor of its own, which is not counted.
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .saturating_sub(1);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one `rlimit` into the struct we own.
+        let max_fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            limit.rlim_cur
+        } else {
+            0
+        };
+        Some(Self {
+            resident_bytes: rss_pages * page,
+            cpu_seconds: (utime + stime) as f64 / ticks as f64,
+            start_time_seconds: boot as f64 + start_ticks as f64 / ticks as f64,
+            open_fds,
+            max_fds,
+        })
+    }
+}
+
+/// `utime`, `stime`, `starttime` and `rss` (fields 14, 15, 22 and 24 of proc(5)'s
+/// `/proc/pid/stat`).
+fn parse_stat(stat: &str) -> Option<(u64, u64, u64, u64)> {
+    // Field 2 is the command name in parentheses, which may itself hold spaces and ')': the
+    // fields that follow start after the last ')'. `rest` begins with field 3.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let field = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
+    Some((field(14)?, field(15)?, field(22)?, field(24)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_after_an_awkward_command_name() {
+        let stat = "4242 (we ird) (name) S 1 4242 4242 0 -1 4194560 1203 0 0 0 17 5 0 0 20 0 9 0 123456 987654321 2048 18446744073709551615 1 1 0 0 0 0 0 4096 17663 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(parse_stat(stat), Some((17, 5, 123456, 2048)));
+        assert_eq!(parse_stat("4242 (truncated"), None);
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let mut out = String::new();
+        render_process(&mut out);
+        let value = |name: &str| -> f64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing in:\n{out}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let started = value("process_start_time_seconds");
+        assert!(started <= now + 1.0 && started > now - 86_400.0 * 365.0);
+        assert!(value("process_cpu_seconds_total") >= 0.0);
     }
 }

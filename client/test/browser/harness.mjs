@@ -50,9 +50,9 @@ export async function freePort() {
 // --- static files --------------------------------------------------------------------------------
 
 const MIME = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.mjs': 'text/javascript; charset=utf-8', '.css': 'text/css', '.map': 'application/json', '.ts': 'text/plain; charset=utf-8' };
-const SERVED = ['dist', 'example', join('test', 'browser', 'fixtures')];
+const SERVED = ['dist', 'example', join('test', 'browser', 'fixtures'), join('test', 'browser', 'build')];
 
-/** Serves client/dist, client/example and the test page (at /) on 127.0.0.1, ephemeral port. */
+/** Serves client/dist, client/example, the test pages (index.html at /) and bundles built for them (test/browser/build) on 127.0.0.1, ephemeral port. */
 export async function startStaticServer() {
   const server = createServer((req, res) => {
     const path = decodeURIComponent(new URL(req.url, 'http://x').pathname);
