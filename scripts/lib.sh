@@ -57,11 +57,26 @@ ensure_chromium() {
   [ -x /usr/bin/chromium ] || apt_install chromium
 }
 
-# promtool (Debian's prometheus package) for deploy/prometheus/alerts.yml; ~18 s to install here.
-# Without recommends: no node exporter. The package also holds the Prometheus server; in a
-# container policy-rc.d keeps its service from starting, on a systemd host it would start.
+# promtool, for deploy/prometheus/alerts.yml: the one binary unpacked from Debian's prometheus
+# package into a cache, not the package installed (it also holds the Prometheus server, which a
+# systemd host would start on :9090). Sets PROMTOOL.
+PROMTOOL=""
 ensure_promtool() {
-  command -v promtool >/dev/null 2>&1 || apt_install --no-install-recommends prometheus
+  if command -v promtool >/dev/null 2>&1; then PROMTOOL=promtool; return 0; fi
+  local cache="${XDG_CACHE_HOME:-$HOME/.cache}/wsnotify/promtool"
+  if [ ! -x "$cache/usr/bin/promtool" ]; then
+    command -v apt-get >/dev/null 2>&1 || return 1
+    if [ -z "$apt_updated" ]; then apt-get update -qq >/dev/null; apt_updated=1; fi
+    local tmp; tmp=$(mktemp -d)
+    log "unpacking promtool from Debian's prometheus package into $cache"
+    if (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) && mkdir -p "$cache" \
+      && dpkg-deb -x "$tmp"/prometheus_*.deb "$cache"; then
+      rm -rf "$tmp"
+    else
+      rm -rf "$tmp"; return 1
+    fi
+  fi
+  PROMTOOL="$cache/usr/bin/promtool"
 }
 
 ensure_node() {

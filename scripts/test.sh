@@ -30,7 +30,7 @@ log "alert rules: promtool check rules, promtool test rules"
 if ensure_promtool; then
   for check in "check rules deploy/prometheus/alerts.yml" "test rules deploy/prometheus/alerts.test.yml"; do
     # shellcheck disable=SC2086
-    if promtool $check; then passed=$((passed + 1)); else failed=$((failed + 1)); status=1; fi
+    if "$PROMTOOL" $check; then passed=$((passed + 1)); else failed=$((failed + 1)); status=1; fi
   done
 else
   log "promtool could not be installed: alert rules not checked"
