@@ -9,10 +9,12 @@
 //! * [`suite`]: the scenarios and their figures; [`report`]: tables;
 //! * [`baseline`]: the naive tokio-tungstenite server every figure is compared with;
 //! * [`server`]: starting either server for `loadtest compare`;
-//! * [`probe`]: RabbitMQ alone, the floor under any gateway's latency;
+//! * [`probe`]: RabbitMQ alone, the floor under any gateway's latency; [`carrier`]: the
+//!   broker's cost of each fan-out carrier, to choose one with numbers;
 //! * [`procstat`], [`prom`]: the server's RSS and CPU from `/proc`, its `/metrics`.
 
 pub mod baseline;
+pub mod carrier;
 pub mod client;
 pub mod probe;
 pub mod procstat;

@@ -95,6 +95,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The broker's cost of the gateway's two legs, without a gateway: a publisher at a rate,
+    /// then either one consumer (`direct`, the single hop) or a taker that group-commits
+    /// records onto a fan-out carrier (`stream` or per-replica `queues`) read by `replicas`
+    /// consumers. Reports broker CPU per notification and notifications per record.
+    CarrierProbe {
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        #[arg(long, value_enum)]
+        carrier: loadtest::carrier::Carrier,
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        #[arg(long, default_value_t = 2_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 8.0)]
+        secs: f64,
+        /// Least time between two records (0: the next leaves as soon as the previous is
+        /// confirmed).
+        #[arg(long, default_value_t = 0.0)]
+        spacing_ms: f64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A client worker process (started by `run` and `compare`).
     #[command(hide = true)]
     Worker {
@@ -295,6 +318,38 @@ fn main() -> ExitCode {
                     l.max_us as f64 / 1e3,
                     r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")),
                     r.probe_cores
+                );
+            }
+            Ok(())
+        }),
+        Cmd::CarrierProbe {
+            amqp_url,
+            carrier,
+            replicas,
+            rate,
+            secs,
+            spacing_ms,
+            json,
+        } => runtime_current().block_on(async move {
+            let broker = loadtest::procstat::find_by_name("beam.smp");
+            let spacing = Duration::from_secs_f64(spacing_ms / 1e3);
+            let r = loadtest::carrier::run(&amqp_url, carrier, replicas, rate, secs, spacing, broker)
+                .await?;
+            if json {
+                print_json(&serde_json::to_value(&r).expect("results serialize"));
+            } else {
+                println!(
+                    "{:?} ×{} at {}/s: {}/{} received, {:.1} per record, p50 {:.2} ms, p99 {:.2} ms, broker {} µs per notification ({} cores)",
+                    r.carrier,
+                    r.replicas,
+                    r.rate,
+                    r.received,
+                    r.published,
+                    r.notifications_per_record,
+                    r.latency.p50_us as f64 / 1e3,
+                    r.latency.p99_us as f64 / 1e3,
+                    r.broker_us_per_notification.map_or("?".into(), |c| format!("{c:.0}")),
+                    r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")),
                 );
             }
             Ok(())
