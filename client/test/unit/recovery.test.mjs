@@ -92,7 +92,7 @@ test('the recovery frame goes to onRecovery, never to handlers; replayed frames 
   await reconnect(timers);
   const second = FakeWebSocket.latest();
   second.open();
-  let order = [];
+  const order = [];
   svc.onRecovery(() => order.push(`recovery after ${got.length} frames`));
   second.receive(recoveryFrame(true, 2, 'a'));
   second.receive(frame('b'));
