@@ -13,6 +13,8 @@
  * }
  * ```
  *
+ * `useRecovery(listener)` tells a component when to reload its state after a reconnect.
+ *
  * The hooks use the shared `webSocketService` unless a {@link WebSocketServiceProvider} above
  * them supplies another instance. Connecting stays the app's call (`webSocketService.connect`),
  * made once, e.g. in the root component's effect.
@@ -20,7 +22,7 @@
 import { createContext, createElement, useCallback, useContext, useEffect, useLayoutEffect, useRef, useSyncExternalStore } from 'react';
 import type { ReactElement, ReactNode } from 'react';
 import webSocketService from './websocketService.js';
-import type { ConnectionStatus, NotificationHandler, WebSocketService } from './websocketService.js';
+import type { ConnectionStatus, NotificationHandler, RecoveryListener, WebSocketService } from './websocketService.js';
 
 const ServiceContext = createContext<WebSocketService>(webSocketService);
 
@@ -71,4 +73,25 @@ export function useNotificationStatus(): ConnectionStatus {
   return useSyncExternalStore(subscribe, snapshot, snapshot);
 }
 
-export type { ConnectionStatus, NotificationFrame, NotificationHandler, WebSocketService } from './websocketService.js';
+/**
+ * Calls `listener({ recovered, missed, since })` after each reconnect while the component is
+ * mounted (see `WebSocketService.onRecovery`): when `recovered` is `false`, reload the state the
+ * component shows from the backend. The latest `listener` is called, without resubscribing.
+ */
+export function useRecovery(listener: RecoveryListener): void {
+  const service = useWebSocketService();
+  const latest = useRef(listener);
+  useIsomorphicLayoutEffect(() => {
+    latest.current = listener;
+  });
+  useEffect(() => service.onRecovery((event) => latest.current(event)), [service]);
+}
+
+export type {
+  ConnectionStatus,
+  NotificationFrame,
+  NotificationHandler,
+  RecoveryEvent,
+  RecoveryListener,
+  WebSocketService,
+} from './websocketService.js';

@@ -14,6 +14,12 @@
  *
  * The reconnection rules (close codes 1001 / 1008, refused handshakes) are documented on
  * {@link ConnectOptions} and in client/README.md.
+ *
+ * Recovery (contract §5): the service remembers the `id` of the last notification it handed to
+ * the app (in memory, and in `sessionStorage` so that a reload of the tab recovers too) and
+ * reconnects with `?since=<id>`; the gateway then replays what was missed before any live frame.
+ * {@link WebSocketService.onRecovery} tells the app whether the gap was covered, i.e. when it
+ * must reload its state from its backend.
  */
 
 /** Connection status reported to {@link WebSocketService.onStatusChange} listeners. */
@@ -45,6 +51,8 @@ export type ErrorKind =
   | 'handler'
   /** A status listener threw. */
   | 'status_listener'
+  /** A recovery listener threw. */
+  | 'recovery_listener'
   /** `getToken()` threw, rejected or returned something other than a non-empty string. Counts as a failed attempt. */
   | 'token'
   /** The handshake was refused before the first open (most likely HTTP 401). The service stopped. */
@@ -116,6 +124,31 @@ export interface StatusDetail {
 }
 
 export type StatusListener = (status: ConnectionStatus, detail: StatusDetail) => void;
+
+/**
+ * Passed to {@link WebSocketService.onRecovery} listeners when a connection opens that follows an
+ * earlier one: after every reconnect, and on the first connection of a `connect()` when an id is
+ * remembered for that user (from before a reload of the tab, or from an earlier `connect()`).
+ */
+export interface RecoveryEvent {
+  /**
+   * `true`: every notification since `since` reaches the handlers, the `missed` ones first (in
+   * their original order, as first sent), then live ones: nothing to reload. `false`: the
+   * gateway could not vouch for the gap (`since` older than its recovery window, unknown to it,
+   * or too much to replay), or the service had no id to ask with (`since: null`): notifications
+   * may have been missed, so reload the state from the backend.
+   */
+  recovered: boolean;
+  /** How many missed notifications are replayed before live ones (0 when not recovered). */
+  missed: number;
+  /**
+   * The id the service reconnected with (`?since=`): the last notification the handlers got.
+   * `null` when it reconnected without one (no notification received yet, or `recovery: false`).
+   */
+  since: string | null;
+}
+
+export type RecoveryListener = (event: RecoveryEvent) => void;
 
 /** The subset of the browser's WebSocket that the service uses (lets tests and Node inject another implementation). */
 export interface WebSocketLike {
@@ -200,6 +233,20 @@ export interface ConnectOptions {
   WebSocket?: WebSocketConstructor;
   /** Random source for jitter, returning [0, 1). Default `Math.random`. */
   random?: () => number;
+  /**
+   * Recovery (contract §5): reconnect with `?since=<id of the last notification handed to the
+   * handlers>`, so that the gateway replays what was missed. Default `true`. With `false`, no
+   * `since` is sent (and nothing is stored); every reconnect is reported to
+   * {@link WebSocketService.onRecovery} as `recovered: false`.
+   */
+  recovery?: boolean;
+  /**
+   * Also keep that id in `sessionStorage` (per tab; key: gateway URL + user id), so that the
+   * first `connect()` after a reload of the tab recovers too. Default `true`; `false` keeps it in
+   * memory only. Where `sessionStorage` is unavailable or throws (privacy modes, sandboxed
+   * frames, quota), the service keeps the id in memory only.
+   */
+  persistLastId?: boolean;
 }
 
 interface ResolvedOptions {
@@ -214,6 +261,23 @@ interface ResolvedOptions {
   onError?: ErrorListener;
   WebSocket: WebSocketConstructor;
   random: () => number;
+  recovery: boolean;
+  persistLastId: boolean;
+}
+
+/** The last notification id handed to the app, for one gateway URL and user. */
+interface Position {
+  /** `sessionStorage` key: gateway URL + user id. */
+  key: string;
+  id: string | undefined;
+}
+
+/** What one connection attempt asks for. */
+interface AttemptUrl {
+  url: string;
+  token?: string;
+  /** The `since` sent, if any. */
+  since?: string;
 }
 
 interface Subscription {
@@ -251,8 +315,42 @@ function isNonNegativeNumber(v: unknown): v is number {
   return typeof v === 'number' && !Number.isNaN(v) && v >= 0;
 }
 
+const encoder = new TextEncoder();
+
 function byteLength(s: string): number {
-  return new TextEncoder().encode(s).length;
+  return encoder.encode(s).length;
+}
+
+/** Longest `since` the gateway takes (contract §5); a longer id cannot be resumed from. */
+const MAX_SINCE_BYTES = 64;
+
+/** Frame types with this prefix are the gateway's own (contract §1, §5), never notifications. */
+const CONTROL_PREFIX = 'wsnotify.';
+
+function usableSince(id: unknown): id is string {
+  return typeof id === 'string' && id.length > 0 && id.length <= MAX_SINCE_BYTES && byteLength(id) <= MAX_SINCE_BYTES;
+}
+
+/** `getItem`/`setItem`/`removeItem` of the Web Storage API. */
+interface StorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
+}
+
+/** The page's `sessionStorage`, or null where there is none or merely touching it throws (privacy modes, sandboxed frames). */
+function sessionStore(): StorageLike | null {
+  try {
+    const s = (globalThis as { sessionStorage?: StorageLike }).sessionStorage;
+    return s && typeof s.getItem === 'function' && typeof s.setItem === 'function' ? s : null;
+  } catch {
+    return null;
+  }
+}
+
+/** One key per gateway URL and user: another user in the same tab must not resume from this one's id. */
+function positionKey(baseUrl: string, user: string): string {
+  return `wsnotify:lastId:${JSON.stringify([baseUrl, user])}`;
 }
 
 function pageLocation(): { href: string; protocol: string; host: string } | undefined {
@@ -288,18 +386,27 @@ function withParam(baseUrl: string, name: string, value: string): string {
   return u.toString();
 }
 
-/** `exp` (seconds) of a JWT, if it can be read; only used to make error messages more helpful. */
-function jwtExp(token: string): number | undefined {
+/**
+ * The unverified claims of a JWT, if they can be read: `exp` only makes error messages more
+ * helpful, `sub` (the user id, contract §2) keys the remembered notification id. Nothing here
+ * is trusted; the gateway checks the token.
+ */
+function jwtClaims(token: string): { exp?: unknown; sub?: unknown } {
   try {
     const part = token.split('.')[1];
-    if (!part) return undefined;
+    if (!part) return {};
     const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
-    const json = atob(b64 + '='.repeat((4 - (b64.length % 4)) % 4));
-    const exp = (JSON.parse(json) as { exp?: unknown }).exp;
-    return typeof exp === 'number' ? exp : undefined;
+    const bytes = Uint8Array.from(atob(b64 + '='.repeat((4 - (b64.length % 4)) % 4)), (c) => c.charCodeAt(0));
+    const claims: unknown = JSON.parse(new TextDecoder().decode(bytes));
+    return claims !== null && typeof claims === 'object' ? (claims as { exp?: unknown; sub?: unknown }) : {};
   } catch {
-    return undefined;
+    return {};
   }
+}
+
+function jwtExp(token: string): number | undefined {
+  const exp = jwtClaims(token).exp;
+  return typeof exp === 'number' ? exp : undefined;
 }
 
 /**
@@ -314,6 +421,7 @@ export class WebSocketService {
   private readonly subscriptions = new Map<string, Set<Subscription>>();
   private readonly statusListeners = new Set<StatusListener>();
   private readonly errorListeners = new Set<ErrorListener>();
+  private readonly recoveryListeners = new Set<RecoveryListener>();
 
   private opts: ResolvedOptions | null = null;
   private connectKey: unknown[] | null = null;
@@ -330,6 +438,10 @@ export class WebSocketService {
   private everOpened = false;
   private neverOpenedFailures = 0;
   private tokenUsedOnce = false;
+  /** The last notification id handed to the app, for the identity of the latest attempt. */
+  private position: Position | null = null;
+  /** Set when writing `sessionStorage` failed: from then on the id is kept in memory only. */
+  private storageFailed = false;
 
   constructor(defaults: ConnectOptions = {}) {
     this.defaults = { ...defaults };
@@ -343,6 +455,14 @@ export class WebSocketService {
   /** True while a connection is open. */
   get isConnected(): boolean {
     return this.currentStatus === 'open';
+  }
+
+  /**
+   * The `id` of the last notification handed to the handlers (for the user of the latest
+   * connection attempt): what the next reconnect sends as `since`. `undefined` before any.
+   */
+  get lastId(): string | undefined {
+    return this.position?.id;
   }
 
   /**
@@ -418,6 +538,8 @@ export class WebSocketService {
       onError: o.onError,
       WebSocket: WebSocketImpl,
       random: o.random ?? Math.random,
+      recovery: o.recovery ?? true,
+      persistLastId: o.persistLastId ?? true,
     };
 
     const key = [resolved.baseUrl, resolved.userId, resolved.token, resolved.getToken];
@@ -501,6 +623,23 @@ export class WebSocketService {
   }
 
   /**
+   * Calls `listener({ recovered, missed, since })` whenever a connection opens that follows an
+   * earlier one: after each reconnect (1001, a network drop, a retry, a token refresh), and on
+   * the first connection of a `connect()` when an id is remembered for that user (from before a
+   * reload of the tab, or from an earlier `connect()`). It runs before the
+   * replayed notifications reach the handlers. When `recovered` is `false`, notifications may
+   * have been missed: reload the state from the backend. Returns the unsubscribe function.
+   */
+  onRecovery(listener: RecoveryListener): () => void {
+    if (typeof listener !== 'function') throw new TypeError('webSocketService.onRecovery: listener must be a function');
+    const wrapped: RecoveryListener = (e) => listener(e);
+    this.recoveryListeners.add(wrapped);
+    return () => {
+      this.recoveryListeners.delete(wrapped);
+    };
+  }
+
+  /**
    * Adds an error listener (malformed frames, handler exceptions, and why the service stopped).
    * With no listener at all, errors go to `console.error`. Returns the unsubscribe function.
    */
@@ -545,6 +684,16 @@ export class WebSocketService {
     }
   }
 
+  private emitRecovery(event: RecoveryEvent): void {
+    for (const listener of Array.from(this.recoveryListeners)) {
+      try {
+        listener({ ...event });
+      } catch (cause) {
+        this.emitError(new WebSocketServiceError('recovery_listener', `recovery listener threw: ${String(cause)}`, { cause }));
+      }
+    }
+  }
+
   private emitError(error: WebSocketServiceError): void {
     const listeners: ErrorListener[] = Array.from(this.errorListeners);
     if (this.opts?.onError) listeners.unshift(this.opts.onError);
@@ -570,6 +719,65 @@ export class WebSocketService {
     this.emitError(error);
   }
 
+  /** The URL of the next attempt: credentials, and `since` when there is an id to resume from. */
+  private async attemptUrl(o: ResolvedOptions): Promise<AttemptUrl> {
+    const { url, token } = await this.credentialUrl(o);
+    // The user this attempt connects as: the user id, or the token's `sub`.
+    const user = o.userId ?? (token !== undefined ? jwtClaims(token).sub : undefined);
+    const since = this.positionFor(o, typeof user === 'string' && user.length > 0 ? user : undefined);
+    return since === undefined ? { url, token } : { url: withParam(url, 'since', since), token, since };
+  }
+
+  /**
+   * Points `position` at `user` (taking the id remembered for it in memory or, after a reload,
+   * in `sessionStorage`) and returns the `since` to send, if any.
+   */
+  private positionFor(o: ResolvedOptions, user: string | undefined): string | undefined {
+    if (user === undefined) {
+      this.position = null; // no identity to key it by (a JWT without `sub`): nothing to resume
+      return undefined;
+    }
+    const key = positionKey(o.baseUrl, user);
+    if (this.position?.key !== key) {
+      let stored: string | null = null;
+      if (o.recovery && o.persistLastId) {
+        try {
+          stored = sessionStore()?.getItem(key) ?? null;
+        } catch {
+          /* unavailable: memory only */
+        }
+      }
+      this.position = { key, id: usableSince(stored) ? stored : undefined };
+    }
+    return o.recovery ? this.position.id : undefined;
+  }
+
+  /** Records `id` as the last notification handed to the app (before its handlers run). */
+  private remember(id: unknown): void {
+    const p = this.position;
+    if (!p) return;
+    // An id that cannot be sent as `since` must still replace the older one: resuming from that
+    // would hand the app again what it already has.
+    p.id = usableSince(id) ? id : undefined;
+    const o = this.opts;
+    if (!o || !o.recovery || !o.persistLastId || this.storageFailed) return;
+    const store = sessionStore();
+    if (!store) return;
+    try {
+      if (p.id === undefined) store.removeItem(p.key);
+      else store.setItem(p.key, p.id);
+    } catch {
+      // Quota or privacy mode: a stale stored id would replay notifications already handled
+      // after a reload, so drop it and keep the id in memory only.
+      this.storageFailed = true;
+      try {
+        store.removeItem(p.key);
+      } catch {
+        /* nothing more to do */
+      }
+    }
+  }
+
   private async credentialUrl(o: ResolvedOptions): Promise<{ url: string; token?: string }> {
     if (o.userId !== undefined) return { url: withParam(o.baseUrl, 'user_id', o.userId) };
     let token: unknown;
@@ -589,8 +797,8 @@ export class WebSocketService {
     const o = this.opts!;
     const seq = ++this.socketSeq;
     const current = () => session === this.session && seq === this.socketSeq;
-    this.credentialUrl(o).then(
-      ({ url, token }) => {
+    this.attemptUrl(o).then(
+      ({ url, token, since }) => {
         if (!current()) return;
         let ws: WebSocketLike;
         try {
@@ -621,14 +829,18 @@ export class WebSocketService {
           opened = true;
           if (this.openTimer !== null) clearTimeout(this.openTimer);
           this.openTimer = null;
+          const reconnected = this.everOpened;
           this.everOpened = true;
           this.neverOpenedFailures = 0;
           this.attempt = 0;
           this.setStatus('open', { attempt: attemptNumber, maxAttempts: o.maxReconnectAttempts });
+          // With `since`, the gateway's recovery frame reports the outcome. Without one, nobody
+          // can vouch for what was sent while the previous connection was down.
+          if (reconnected && since === undefined && current()) this.emitRecovery({ recovered: false, missed: 0, since: null });
         };
         ws.onmessage = (ev: { data: unknown }) => {
           if (!current()) return;
-          this.dispatch(ev.data);
+          this.dispatch(ev.data, since);
         };
         ws.onerror = () => {
           /* a close event follows; nothing to do here */
@@ -742,7 +954,7 @@ export class WebSocketService {
     }, delayMs);
   }
 
-  private dispatch(raw: unknown): void {
+  private dispatch(raw: unknown, since: string | undefined): void {
     if (typeof raw !== 'string') {
       this.emitError(new WebSocketServiceError('malformed_frame', 'received a non-text frame; the gateway sends JSON text frames', { raw }));
       return;
@@ -758,6 +970,19 @@ export class WebSocketService {
       this.emitError(new WebSocketServiceError('malformed_frame', 'frame is not a JSON object with a non-empty string "type"', { raw }));
       return;
     }
+    if (frame.type.startsWith(CONTROL_PREFIX)) {
+      // The gateway's own frames: never handed to the handlers, and no position in the stream.
+      if (frame.type === 'wsnotify.recovery') {
+        const f = frame as unknown as { recovered?: unknown; missed?: unknown; since?: unknown };
+        this.emitRecovery({
+          recovered: f.recovered === true,
+          missed: f.recovered === true && typeof f.missed === 'number' && f.missed >= 0 ? f.missed : 0,
+          since: typeof f.since === 'string' ? f.since : (since ?? null),
+        });
+      }
+      return;
+    }
+    this.remember(frame.id);
     const typed = frame.type === '*' ? undefined : this.subscriptions.get(frame.type);
     const wildcard = this.subscriptions.get('*');
     const subs: Subscription[] = [];

@@ -8,7 +8,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import { EventEmitter, once } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
-import { createServer as createNetServer } from 'node:net';
+import { connect as netConnect, createServer as createNetServer } from 'node:net';
 import { dirname, extname, join, normalize, resolve, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import amqplib from 'amqplib';
@@ -159,6 +159,29 @@ export class Gateway {
     }
   }
 
+  /** The value of one sample on GET /metrics, e.g. `wsnotify_connections` or `wsnotify_recoveries_total{result="recovered"}`. */
+  async metric(sample) {
+    const res = await fetch(`${this.httpUrl}/metrics`, { signal: AbortSignal.timeout(2000) });
+    const text = await res.text();
+    const line = text.split('\n').find((l) => l.startsWith(`${sample} `));
+    if (!line) throw new Error(`no sample ${sample} on ${this.httpUrl}/metrics`);
+    return Number(line.slice(sample.length + 1));
+  }
+
+  /** Polls GET /metrics until `pred(value of sample)` holds (bounded). */
+  async waitMetric(sample, pred, what, timeoutMs = 10000) {
+    let last;
+    const poll = async () => {
+      for (;;) {
+        last = await this.metric(sample).catch((e) => e.message);
+        if (typeof last === 'number' && pred(last)) return last;
+        // Polling interval: /metrics is the only view of the gateway's internals.
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    };
+    return withTimeout(poll(), timeoutMs, `${what} (${sample}, last ${last})`);
+  }
+
   /** For cleanup: stop, ignoring errors. */
   async kill() {
     try {
@@ -166,6 +189,67 @@ export class Gateway {
     } catch {
       /* killed */
     }
+  }
+}
+
+// --- a load balancer ----------------------------------------------------------------------------
+
+/**
+ * A TCP load balancer on 127.0.0.1 in front of gateway replicas, standing in for Traefik: each
+ * new connection goes to the first replica in `backends` that accepts it, and bytes are relayed
+ * both ways until either side closes. A deploy takes a replica out of `backends` before stopping
+ * it. `delayMs` holds each new connection that long before it is relayed (the latency of a real
+ * reconnect: DNS, TLS, a busy balancer).
+ */
+export class LoadBalancer {
+  static async start(backends) {
+    const lb = new LoadBalancer();
+    lb.backends = [...backends];
+    lb.delayMs = 0;
+    lb.sockets = new Set();
+    lb.server = createNetServer((client) => lb.#relay(client));
+    lb.server.listen(0, '127.0.0.1');
+    await once(lb.server, 'listening');
+    lb.port = lb.server.address().port;
+    return lb;
+  }
+
+  get wsUrl() {
+    return `ws://127.0.0.1:${this.port}/ws`;
+  }
+
+  async #relay(client) {
+    this.sockets.add(client);
+    client.once('close', () => this.sockets.delete(client));
+    client.on('error', () => client.destroy());
+    client.pause();
+    if (this.delayMs > 0) await new Promise((r) => setTimeout(r, this.delayMs));
+    for (const gw of [...this.backends]) {
+      if (client.destroyed) return;
+      const up = netConnect(gw.port, '127.0.0.1');
+      const connected = await new Promise((resolve) => {
+        up.once('connect', () => resolve(true));
+        up.once('error', () => resolve(false));
+      });
+      if (!connected) continue; // refused: the next replica
+      this.sockets.add(up);
+      up.once('close', () => this.sockets.delete(up));
+      // Either side's error tears both down; an orderly end is passed on by pipe().
+      up.on('error', () => client.destroy());
+      client.on('error', () => up.destroy());
+      up.once('close', () => client.end());
+      client.once('close', () => up.destroy());
+      client.pipe(up);
+      up.pipe(client);
+      client.resume();
+      return;
+    }
+    client.destroy(); // no replica: as a balancer with no healthy backend
+  }
+
+  async close() {
+    for (const s of this.sockets) s.destroy();
+    await new Promise((r) => this.server.close(() => r()));
   }
 }
 
@@ -190,9 +274,9 @@ export class Broker {
     this.ch.sendToQueue(queue, body, { contentType: 'application/json', persistent: true });
   }
 
-  /** Deletes the queue and its dead-letter queue. */
+  /** Deletes the queue, its dead-letter queue and the gateway's fan-out log (a stream). */
   async deleteQueues(queue) {
-    for (const q of [queue, `${queue}.dead`]) {
+    for (const q of [queue, `${queue}.dead`, `${queue}.log`]) {
       try {
         await this.ch.deleteQueue(q);
       } catch {

@@ -236,6 +236,17 @@ test('example page connects from its query string and lists notifications', asyn
   assert.match(await li.textContent(), new RegExp(`to ${user}`));
   const bli = await tp.page.waitForSelector('#notifications li[data-type="notification"]', { timeout: 10000 });
   assert.match(await bli.textContent(), /broadcast/);
+
+  // A gateway restart on the same port: the page reconnects with since and shows the outcome;
+  // what was published while the gateway was down is listed once.
+  assert.equal(await tp.page.getAttribute('#recovery', 'data-recovered'), '');
+  assert.deepEqual(await gw.stop(), { code: 0, signal: null });
+  broker.publish(gw.queue, { user_id: user, message_type: 'while_down', data: { n: 1 } });
+  await gw.start();
+  await tp.page.waitForSelector('#recovery[data-recovered="true"]', { timeout: 20000 });
+  assert.match(await tp.page.textContent('#recovery'), /^recovered at .*: \d+ missed notification/);
+  await tp.page.waitForSelector('#notifications li[data-type="while_down"]', { timeout: 10000 });
+  assert.equal(await tp.page.locator('#notifications li[data-type="while_down"]').count(), 1);
   await tp.page.click('#disconnect');
   await tp.page.waitForSelector('#status[data-status="closed"]', { timeout: 5000 });
 });

@@ -86,16 +86,22 @@ test('useNotification and useNotificationStatus render notifications and the con
   welcome('third');
   await page.waitForSelector('#welcome-count:has-text("3")', { timeout: 10000 });
 
-  // The gateway restarts: the status shows reconnecting, then open again, and delivery resumes.
+  // The gateway restarts: the status shows reconnecting, then open again, useRecovery reports
+  // the reconnect as recovered, and delivery resumes (what was published meanwhile, once).
+  assert.equal(await page.getAttribute('#recovery', 'data-recovered'), '');
   await gw.stop();
   await page.waitForSelector('#status[data-status="reconnecting"]', { timeout: 10000 });
+  welcome('while down');
   await gw.start();
   await page.waitForSelector('#status[data-status="open"]', { timeout: 15000 });
+  await page.waitForSelector('#recovery[data-recovered="true"]', { timeout: 10000 });
   await probeRoute(tp, (nonce) => broker.publish(queue, { user_id: user, message_type: 'probe', data: { nonce } }));
   await page.click('#toggle-inbox');
   welcome('after restart');
   await page.waitForSelector('#inbox li:has-text("B: after restart")', { timeout: 10000 });
   assert.deepEqual(await inboxItems(), ['B: after restart'], 'a remounted inbox starts empty and subscribes again');
+  await page.waitForSelector('#welcome-count:has-text("5")', { timeout: 10000 });
+  assert.equal(await page.textContent('#welcome-count'), '5', 'the one published while down, once');
 
   await page.click('#disconnect');
   await page.waitForSelector('#status[data-status="closed"]', { timeout: 5000 });

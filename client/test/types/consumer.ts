@@ -8,6 +8,7 @@ import webSocketService, {
   type ConnectionStatus,
   type ConnectOptions,
   type NotificationFrame,
+  type RecoveryEvent,
   type StatusDetail,
   type WebSocketConstructor,
 } from '../../dist/websocketService.js';
@@ -47,6 +48,8 @@ const options: ConnectOptions = {
   authFailureAttempts: 2,
   onError: (e: WebSocketServiceError) => console.warn(e.kind, e.closeCode, e.message),
   WebSocket: ctor,
+  recovery: true,
+  persistLastId: false,
 };
 const svc: WebSocketService = createWebSocketService();
 svc.connect(options);
@@ -59,8 +62,24 @@ stopListening();
 svc.onError((e) => {
   if (e.kind === 'auth') console.log('log in again');
 })();
+// Recovery: the outcome of each reconnect, and the id the next one resumes from.
+const stopRecovery: () => void = svc.onRecovery((e: RecoveryEvent) => {
+  const recovered: boolean = e.recovered;
+  const missed: number = e.missed;
+  const since: string | null = e.since;
+  if (!recovered) console.log('reload state', missed, since);
+});
+stopRecovery();
+const lastId: string | undefined = svc.lastId;
+// @ts-expect-error: lastId is read-only
+svc.lastId = 'x';
+// @ts-expect-error: recovery is a boolean
+svc.connect({ userId, recovery: 'yes' });
+svc.onError((e) => {
+  if (e.kind === 'recovery_listener') console.log(e.cause);
+});
 const s: ConnectionStatus = svc.status;
 const d: number = backoffDelay(3, { initialDelayMs: 1000, backoffFactor: 2, maxDelayMs: 30000, jitter: 0.2 });
-void [s, d, svc.isConnected];
+void [s, d, svc.isConnected, lastId];
 svc.disconnect();
 new WebSocketService({ url: '/ws' }).configure({ jitter: 0 });

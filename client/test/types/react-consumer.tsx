@@ -6,8 +6,10 @@ import {
   WebSocketServiceProvider,
   useNotification,
   useNotificationStatus,
+  useRecovery,
   useWebSocketService,
   type ConnectionStatus,
+  type RecoveryEvent,
   type WebSocketService,
 } from '@wsnotify/client/react';
 
@@ -27,6 +29,10 @@ export function BalanceBadge() {
   });
   // Untyped: data is `any`, as in the seed's handlers; only `data` is taken.
   useNotification('welcome', (data) => console.log('Welcome message:', data.message));
+  // After a reconnect the gateway could not vouch for: reload from the backend.
+  useRecovery((e: RecoveryEvent) => {
+    if (!e.recovered) void fetch('/api/balance');
+  });
   const status: ConnectionStatus = useNotificationStatus();
   const service: WebSocketService = useWebSocketService();
   void service.isConnected;
@@ -54,6 +60,8 @@ export function App() {
 useNotification<Balance>('balance_update', (data: string) => data);
 // @ts-expect-error: the type is a string
 useNotification(42, () => {});
+// @ts-expect-error: the recovery listener gets an event, not a status
+useRecovery((e: ConnectionStatus) => e);
 // @ts-expect-error: a status is one of four strings
 const wrong: 'online' = useNotificationStatus();
 void wrong;

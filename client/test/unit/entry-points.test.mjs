@@ -39,10 +39,13 @@ test('the React entry needs only React and the core module', async () => {
 
 test('the hooks render on the server: status closed, no socket opened', async () => {
   const { default: webSocketService } = await import('@wsnotify/client');
-  const { useNotification, useNotificationStatus } = await import('@wsnotify/client/react');
+  const { useNotification, useNotificationStatus, useRecovery } = await import('@wsnotify/client/react');
   let called = false;
   function Badge() {
     useNotification('welcome', () => {
+      called = true;
+    });
+    useRecovery(() => {
       called = true;
     });
     return createElement('p', { id: 'status' }, useNotificationStatus());
