@@ -65,7 +65,9 @@ const LOG_MAX_BYTES: i64 = 2 << 30;
 const LOG_SEGMENT_BYTES: i64 = 32 << 20;
 /// Longest a replica leaving waits to deliver what it already took in.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Log deliveries acked at once (a stream ack only returns credit).
+/// Log deliveries acked at once: half the prefetch, so credit never runs out. A stream ack only
+/// returns credit (nothing is redelivered, and the replica tracks its own offset), so there is
+/// no reason to ack sooner, and each ack costs the broker work.
 const ACK_EVERY: u64 = 32;
 
 /// What the broker side needs to know.
@@ -328,7 +330,7 @@ impl Consumer {
                         let stats = self.history.stats(log::unix_ms());
                         info!(entries = stats.entries, ms = started.elapsed().as_millis() as u64, "recovery history filled from the fan-out log");
                     }
-                    acks.after(&ch, tag, rx.is_empty()).await?;
+                    acks.after(&ch, tag, false).await?;
                 }
                 _ = health.tick() => {
                     if !conn.is_open() || !ch.is_open() {
@@ -374,7 +376,7 @@ impl Consumer {
     }
 }
 
-/// Acks log deliveries in batches: every [`ACK_EVERY`], and whenever nothing else is waiting.
+/// Acks log deliveries in batches of [`ACK_EVERY`] (or at once when `now`).
 #[derive(Default)]
 struct Acks {
     last: Option<u64>,
@@ -386,7 +388,7 @@ impl Acks {
         &mut self,
         ch: &amqprs::channel::Channel,
         tag: Option<u64>,
-        idle: bool,
+        now: bool,
     ) -> Result<(), String> {
         if tag.is_some() {
             self.last = tag;
@@ -394,7 +396,7 @@ impl Acks {
         }
         if let Some(last) = self.last
             && self.unacked > 0
-            && (idle || self.unacked >= ACK_EVERY)
+            && (now || self.unacked >= ACK_EVERY)
         {
             ch.basic_ack(BasicAckArguments::new(last, true))
                 .await
