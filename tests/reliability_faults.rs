@@ -7,6 +7,8 @@ mod common;
 mod reliability_support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -194,23 +196,29 @@ async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
     let mut tab1 = spawn_reader(gw.connect_user("u").await);
     let mut tab2 = spawn_reader(gw.connect_user("u").await);
     let mut other = spawn_reader(gw.connect_user("v").await);
-    // A publisher with its own connection, 1,000 messages a second, running through the cut:
-    // what it publishes while the gateway is away waits in the durable queue.
-    let total = 6000usize;
-    let q2 = q.clone();
+    // A publisher with its own connection, 1,000 messages a second, running through the cut
+    // until told to stop: what it publishes while the gateway is away waits in the durable
+    // queue.
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicUsize::new(0));
+    let (q2, stop2, published2) = (q.clone(), stop.clone(), published.clone());
     let publisher = tokio::spawn(async move {
         let broker = Broker::connect().await;
         let mut tick = tokio::time::interval(Duration::from_millis(5));
-        for chunk in 0..total / 5 {
+        let mut i = 0usize;
+        // Bounded even if the test never says stop.
+        while !stop2.load(Ordering::Relaxed) && i < 60_000 {
             tick.tick().await;
-            for i in chunk * 5..chunk * 5 + 5 {
+            for _ in 0..5 {
                 let msg = if i.is_multiple_of(10) {
                     to_all("seq", json!({ "i": i }))
                 } else {
                     to_user("u", "seq", json!({ "i": i }))
                 };
                 broker.publish_json(&q2, &msg).await;
+                i += 1;
             }
+            published2.store(i, Ordering::Relaxed);
         }
     });
     // Cut the link while the stream is flowing.
@@ -222,13 +230,14 @@ async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
         .await
         .unwrap()
         .expect("the gateway's broker connection");
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = tokio::process::Command::new("rabbitmqctl")
         .args([
             "close_connection",
             &name,
             "wsnotify test: link cut mid-stream",
         ])
         .output()
+        .await
         .expect("rabbitmqctl");
     assert!(out.status.success(), "{out:?}");
     // What had arrived by the time the broker had closed the link.
@@ -236,11 +245,20 @@ async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
         got1.push(f["data"]["i"].as_u64().unwrap());
     }
     let cut_at = got1.len();
-    assert!(cut_at < total, "the cut must land mid-stream");
     gw.wait_log("broker link down").await;
     gw.wait_metric("wsnotify_broker_connects_total", 2).await;
-
+    // The stream goes on for a while after the link is back, then stops.
+    let back_at = published.load(Ordering::Relaxed);
+    within("the stream to go on", async {
+        while published.load(Ordering::Relaxed) < back_at + 500 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
     publisher.await.unwrap();
+    let total = published.load(Ordering::Relaxed);
+    assert!(cut_at < total, "the cut landed mid-stream");
     let mut got2 = Vec::new();
     let mut got_other = Vec::new();
     collect(&mut tab1, &mut got1, total, Duration::from_secs(30)).await;
