@@ -9,11 +9,13 @@
 //! * [`suite`]: the scenarios and their figures; [`report`]: tables;
 //! * [`baseline`]: the naive tokio-tungstenite server every figure is compared with;
 //! * [`server`]: starting either server for `loadtest compare`;
+//! * [`plot`]: SVG figures from the JSON results;
 //! * [`probe`]: RabbitMQ alone, the floor under any gateway's latency;
 //! * [`procstat`], [`prom`]: the server's RSS and CPU from `/proc`, its `/metrics`.
 
 pub mod baseline;
 pub mod client;
+pub mod plot;
 pub mod probe;
 pub mod procstat;
 pub mod prom;

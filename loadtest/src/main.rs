@@ -1,8 +1,9 @@
 //! `loadtest`: see the crate documentation and BENCHMARKS.md for what each figure means and
 //! how to reproduce it.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -62,8 +63,53 @@ enum Cmd {
         /// Extra environment for wsnotify, `KEY=VALUE` (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Also write the JSON (`compare.json`) and its figure (`frames-per-phase.svg`) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[command(flatten)]
         opts: SuiteOpts,
+    },
+    /// Run `compare` at several points (offered rates, or connection counts), the servers
+    /// interleaved at each point, and write one JSON with every point and an SVG figure to
+    /// `--out`: `unicast-latency.svg`, `sustained-latency.svg` or `idle-rss.svg`.
+    Sweep {
+        /// `unicast` (--rates in notifications/s), `sustained` (--rates in broadcasts/s) or
+        /// `idle` (--counts: connections, RSS after connecting).
+        #[arg(long)]
+        scenario: String,
+        /// Offered rates, comma-separated (unicast, sustained).
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<f64>,
+        /// Connection counts, comma-separated (idle).
+        #[arg(long, value_delimiter = ',')]
+        counts: Vec<usize>,
+        /// Seconds per point (sets --unicast-secs or --sustained-secs).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Directory for `<scenario>-sweep.json` and the figure.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "target/release/wsnotify")]
+        wsnotify: PathBuf,
+        /// Runs per server at each point (the figure uses the median).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long)]
+        only: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        #[command(flatten)]
+        opts: SuiteOpts,
+    },
+    /// Redraw the SVG figures of a `compare --json` or `sweep` result without running anything.
+    Plot {
+        /// The JSON file.
+        json: PathBuf,
+        /// Directory for the SVG files (default: next to the JSON).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// The naive baseline server: tokio-tungstenite defaults, split + one mpsc per connection.
     Baseline {
@@ -168,7 +214,7 @@ struct SuiteOpts {
     /// Print the results as JSON on stdout (tables go to stderr).
     #[arg(long)]
     json: bool,
-    /// No live progress line.
+    /// No live progress line (there is none when stderr is not a terminal either).
     #[arg(long)]
     quiet: bool,
 }
@@ -311,8 +357,60 @@ fn main() -> ExitCode {
             only,
             replicas,
             env,
+            out,
             opts,
-        } => runtime_current().block_on(compare(wsnotify, repeat, only, replicas, env, opts)),
+        } => runtime_current().block_on(compare(
+            Servers {
+                wsnotify,
+                only,
+                replicas,
+                env,
+            },
+            repeat,
+            out,
+            opts,
+        )),
+        Cmd::Sweep {
+            scenario,
+            rates,
+            counts,
+            secs,
+            out,
+            wsnotify,
+            repeat,
+            only,
+            replicas,
+            env,
+            opts,
+        } => runtime_current().block_on(sweep(
+            Servers {
+                wsnotify,
+                only,
+                replicas,
+                env,
+            },
+            SweepSpec {
+                scenario,
+                rates,
+                counts,
+                secs,
+                repeat,
+            },
+            out,
+            opts,
+        )),
+        Cmd::Plot { json, out } => {
+            let out = out.unwrap_or_else(|| {
+                json.parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."))
+            });
+            loadtest::plot::from_file(&json, &out).map(|files| {
+                for f in files {
+                    println!("{}", f.display());
+                }
+            })
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -423,67 +521,198 @@ fn label(kind: &Kind, replicas: usize, round: usize) -> String {
     }
 }
 
-async fn compare(
+/// Which servers a `compare` or `sweep` runs, and how.
+struct Servers {
     wsnotify: PathBuf,
-    repeat: usize,
     only: Option<String>,
     replicas: usize,
     env: Vec<String>,
-    opts: SuiteOpts,
-) -> Result<(), String> {
-    let env = parse_env(&env)?;
-    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
-    let kinds = [Kind::Wsnotify(wsnotify), Kind::Baseline(exe)];
-    let kinds: Vec<&Kind> = kinds
-        .iter()
-        .filter(|k| only.as_deref().is_none_or(|o| o == k.label()))
-        .collect();
-    if kinds.is_empty() {
-        return Err(format!(
-            "--only {}: expected wsnotify or baseline",
-            only.unwrap_or_default()
-        ));
+}
+
+impl Servers {
+    /// The servers to run, in their first-round order.
+    fn kinds(&self) -> Result<Vec<Kind>, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+        let all = [Kind::Wsnotify(self.wsnotify.clone()), Kind::Baseline(exe)];
+        let wanted: Option<Vec<&str>> = self
+            .only
+            .as_deref()
+            .map(|o| o.split(',').map(str::trim).collect());
+        let kinds: Vec<Kind> = all
+            .into_iter()
+            .filter(|k| wanted.as_ref().is_none_or(|w| w.contains(&k.label())))
+            .collect();
+        if kinds.is_empty() {
+            return Err(format!(
+                "--only {}: expected wsnotify or baseline",
+                self.only.as_deref().unwrap_or_default()
+            ));
+        }
+        if self.replicas > 1 && kinds.iter().any(|k| matches!(k, Kind::Baseline(_))) {
+            eprintln!(
+                "loadtest: wsnotify runs as {} replicas on one queue; the baseline runs as one process (single hop: it consumes the notify queue itself)",
+                self.replicas
+            );
+        }
+        Ok(kinds)
     }
-    if replicas > 1 && kinds.iter().any(|k| matches!(k, Kind::Baseline(_))) {
-        eprintln!(
-            "loadtest: wsnotify runs as {replicas} replicas on one queue; the baseline runs as one process (single hop: it consumes the notify queue itself)"
-        );
-    }
-    let mut ours: Vec<SuiteResult> = Vec::new();
-    let mut base: Vec<SuiteResult> = Vec::new();
-    for round in 0..repeat.max(1) {
-        // Alternate the order so neither server always runs first.
-        let mut order = kinds.clone();
+
+    /// Every server once, in alternating order by `round`; results by server label.
+    async fn round(
+        &self,
+        kinds: &[Kind],
+        round: usize,
+        opts: &SuiteOpts,
+        results: &mut BTreeMap<&'static str, Vec<SuiteResult>>,
+    ) -> Result<(), String> {
+        let env = parse_env(&self.env)?;
+        let mut order: Vec<&Kind> = kinds.iter().collect();
+        // Alternate the order so no server always runs first.
         if round % 2 == 1 {
             order.reverse();
         }
         for kind in order {
-            let r = run_one(
-                kind,
-                replicas,
-                &env,
-                &opts,
-                &label(kind, replicas, round + 1),
-            )
-            .await?;
+            let label = label(kind, self.replicas, round + 1);
+            let r = run_one(kind, self.replicas, &env, opts, &label).await?;
             eprintln!("{}", report::table(&r));
-            match kind {
-                Kind::Wsnotify(_) => ours.push(r),
-                Kind::Baseline(_) => base.push(r),
-            }
+            results.entry(kind.label()).or_default().push(r);
+        }
+        Ok(())
+    }
+}
+
+fn results_json(
+    results: &BTreeMap<&'static str, Vec<SuiteResult>>,
+    replicas: usize,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("commit".into(), commit().into());
+    m.insert("replicas".into(), replicas.max(1).into());
+    for (k, v) in results {
+        m.insert(
+            (*k).to_owned(),
+            serde_json::to_value(v).expect("results serialize"),
+        );
+    }
+    m
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).expect("results serialize");
+    std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+async fn compare(
+    servers: Servers,
+    repeat: usize,
+    out: Option<PathBuf>,
+    opts: SuiteOpts,
+) -> Result<(), String> {
+    let kinds = servers.kinds()?;
+    let mut results = BTreeMap::new();
+    for round in 0..repeat.max(1) {
+        servers.round(&kinds, round, &opts, &mut results).await?;
+    }
+    let none = Vec::new();
+    let cmp = report::comparison(
+        results.get("wsnotify").unwrap_or(&none),
+        results.get("baseline").unwrap_or(&none),
+    );
+    let json = serde_json::Value::Object(results_json(&results, servers.replicas));
+    if let Some(dir) = &out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        write_json(&dir.join("compare.json"), &json)?;
+        for f in loadtest::plot::from_value(&json, dir)? {
+            eprintln!("loadtest: wrote {}", f.display());
         }
     }
-    let cmp = report::comparison(&ours, &base);
     if opts.json {
         eprintln!("{cmp}");
-        print_json(&serde_json::json!({
-            "commit": commit(),
-            "replicas": replicas.max(1),
-            "wsnotify": ours,
-            "baseline": base,
-        }));
+        print_json(&json);
     } else {
         println!("{cmp}");
+    }
+    Ok(())
+}
+
+struct SweepSpec {
+    scenario: String,
+    rates: Vec<f64>,
+    counts: Vec<usize>,
+    secs: f64,
+    repeat: usize,
+}
+
+/// `compare` at each point of a sweep; one JSON (`points: [{x, <server>: [results]}]`) and
+/// its figure in `out`. The JSON is rewritten after every point, so an interrupted sweep
+/// keeps what it measured.
+async fn sweep(
+    servers: Servers,
+    spec: SweepSpec,
+    out: PathBuf,
+    opts: SuiteOpts,
+) -> Result<(), String> {
+    let kinds = servers.kinds()?;
+    let xs: Vec<f64> = match spec.scenario.as_str() {
+        "unicast" | "sustained" => spec.rates.clone(),
+        "idle" => spec.counts.iter().map(|&n| n as f64).collect(),
+        other => {
+            return Err(format!(
+                "--scenario {other}: expected unicast, sustained or idle"
+            ));
+        }
+    };
+    if xs.is_empty() {
+        return Err(match spec.scenario.as_str() {
+            "idle" => "--counts: give the connection counts, e.g. 2000,5000,10000".into(),
+            _ => "--rates: give the offered rates, e.g. 1000,2000,5000,10000".into(),
+        });
+    }
+    std::fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    let file = out.join(format!("{}-sweep.json", spec.scenario));
+    let mut points = Vec::new();
+    let mut round = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        let mut o = opts.clone();
+        o.scenarios = spec.scenario.clone();
+        match spec.scenario.as_str() {
+            "unicast" => {
+                o.unicast_rate = x;
+                o.unicast_secs = spec.secs;
+            }
+            "sustained" => {
+                o.sustained_rate = x;
+                o.sustained_secs = spec.secs;
+            }
+            _ => o.connections = x as usize,
+        }
+        eprintln!(
+            "loadtest sweep: point {} of {}: {} = {x}",
+            i + 1,
+            xs.len(),
+            spec.scenario
+        );
+        let mut results = BTreeMap::new();
+        for _ in 0..spec.repeat.max(1) {
+            servers.round(&kinds, round, &o, &mut results).await?;
+            round += 1;
+        }
+        let mut point = results_json(&results, servers.replicas);
+        point.remove("commit");
+        point.insert("x".into(), x.into());
+        points.push(serde_json::Value::Object(point));
+        let json = serde_json::json!({
+            "commit": commit(),
+            "sweep": spec.scenario,
+            "secs": spec.secs,
+            "connections": opts.connections,
+            "points": points,
+        });
+        write_json(&file, &json)?;
+    }
+    eprintln!("loadtest: wrote {}", file.display());
+    for f in loadtest::plot::from_file(&file, &out)? {
+        eprintln!("loadtest: wrote {}", f.display());
     }
     Ok(())
 }

@@ -230,6 +230,7 @@ pub struct Suite {
     /// HTTP address of each server process (for `/metrics`).
     http: Vec<SocketAddr>,
     progress: Arc<Progress>,
+    progress_task: Option<tokio::task::JoinHandle<()>>,
     open_at_start: u64,
 }
 
@@ -272,15 +273,19 @@ impl Suite {
                 phase: std::sync::Mutex::new("start"),
                 stop: AtomicBool::new(false),
             }),
+            progress_task: None,
             open_at_start: 0,
         };
         let res = suite.run_inner().await;
         suite.progress.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = suite.progress_task.take() {
+            t.abort();
+            let _ = t.await;
+            // Clear the line, so the tables that follow start on a clean one.
+            eprint!("\r\x1b[K");
+        }
         for w in suite.workers.drain(..) {
             w.stop().await;
-        }
-        if suite.cfg.progress {
-            eprintln!();
         }
         res
     }
@@ -314,8 +319,10 @@ impl Suite {
             .sum()
     }
 
-    fn spawn_progress(&self) {
-        if !self.cfg.progress {
+    /// The live progress line: on a terminal only (nothing when stderr is piped), rewritten in
+    /// place twice a second.
+    fn spawn_progress(&mut self) {
+        if !self.cfg.progress || !std::io::stderr().is_terminal() {
             return;
         }
         let progress = self.progress.clone();
@@ -326,37 +333,30 @@ impl Suite {
             .collect();
         let pids = self.cfg.pids.clone();
         let label = self.cfg.label.clone();
-        let tty = std::io::stderr().is_terminal();
-        tokio::spawn(async move {
+        let total = self.cfg.connections;
+        self.progress_task = Some(tokio::spawn(async move {
             let started = Instant::now();
             let mut last = (Instant::now(), 0u64);
-            let mut last_line = Instant::now();
             while !progress.stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let frames: u64 = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
                 let open: i64 = counters.iter().map(|c| c.1.load(Ordering::Relaxed)).sum();
                 let conn: u64 = counters.iter().map(|c| c.2.load(Ordering::Relaxed)).sum();
                 let now = Instant::now();
+                // Counters restart at each phase.
                 let rate = frames.saturating_sub(last.1) as f64
                     / now.duration_since(last.0).as_secs_f64().max(1e-3);
                 last = (now, frames);
                 let rss = sum_each(&pids, rss_bytes)
                     .map_or("-".into(), |r| format!("{:.1} MB", r as f64 / 1e6));
                 let phase = *crate::client::lock(&progress.phase);
-                let line = format!(
-                    "[{label} {:>5.1}s] {phase:<10} connected {conn:>6}  open {open:>6}  frames {frames:>10}  {:>9.0} frames/s  server RSS {rss}",
+                eprint!(
+                    "\r[{label} {:>6.1} s] {phase:<10} connected {conn:>6} of {total}  open {open:>6}  frames {frames:>10} ({rate:>9.0}/s)  server RSS {rss}\x1b[K",
                     started.elapsed().as_secs_f64(),
-                    rate
                 );
-                if tty {
-                    eprint!("\r{line}\x1b[K");
-                    let _ = std::io::stderr().flush();
-                } else if last_line.elapsed() >= Duration::from_secs(2) {
-                    eprintln!("{line}");
-                    last_line = Instant::now();
-                }
+                let _ = std::io::stderr().flush();
             }
-        });
+        }));
     }
 
     async fn run_inner(&mut self) -> Result<SuiteResult, String> {
