@@ -8,13 +8,15 @@
 //! * [`publish`]: backend-style publishing with send times in `data`;
 //! * [`suite`]: the scenarios and their figures; [`report`]: tables;
 //! * [`baseline`]: the naive tokio-tungstenite server every figure is compared with;
-//! * [`server`]: starting either server for `loadtest compare`;
+//! * [`nchan`]: nginx + nchan as a second baseline (HTTP publishing, no broker);
+//! * [`server`]: starting the servers for `loadtest compare`;
 //! * [`plot`]: SVG figures from the JSON results;
 //! * [`probe`]: RabbitMQ alone, the floor under any gateway's latency;
 //! * [`procstat`], [`prom`]: the server's RSS and CPU from `/proc`, its `/metrics`.
 
 pub mod baseline;
 pub mod client;
+pub mod nchan;
 pub mod plot;
 pub mod probe;
 pub mod procstat;

@@ -13,7 +13,7 @@ use loadtest::client::Auth;
 use loadtest::publish::Publisher;
 use loadtest::report;
 use loadtest::server::{Kind, Server};
-use loadtest::suite::{Phases, Suite, SuiteConfig, SuiteResult};
+use loadtest::suite::{Phases, Suite, SuiteConfig, SuiteResult, Via};
 use loadtest::worker::{self, WorkerArgs};
 
 #[derive(Parser)]
@@ -47,22 +47,11 @@ enum Cmd {
     /// Start wsnotify and the naive baseline in turn (interleaved, `--repeat` times each) on
     /// fresh queues and ports, run the same suite against each, and print both with ratios.
     Compare {
-        /// The wsnotify binary.
-        #[arg(long, default_value = "target/release/wsnotify")]
-        wsnotify: PathBuf,
         /// Runs per server.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
-        /// Only this server (`wsnotify` or `baseline`).
-        #[arg(long)]
-        only: Option<String>,
-        /// wsnotify processes on the same notify queue (replicas of one gateway); the
-        /// connections are spread evenly over them. The baseline always runs as one process.
-        #[arg(long, default_value_t = 1)]
-        replicas: usize,
-        /// Extra environment for wsnotify, `KEY=VALUE` (repeatable).
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
+        #[command(flatten)]
+        servers: Servers,
         /// Also write the JSON (`compare.json`) and its figure (`frames-per-phase.svg`) here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -89,17 +78,11 @@ enum Cmd {
         /// Directory for `<scenario>-sweep.json` and the figure.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "target/release/wsnotify")]
-        wsnotify: PathBuf,
         /// Runs per server at each point (the figure uses the median).
         #[arg(long, default_value_t = 1)]
         repeat: usize,
-        #[arg(long)]
-        only: Option<String>,
-        #[arg(long, default_value_t = 1)]
-        replicas: usize,
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
+        #[command(flatten)]
+        servers: Servers,
         #[command(flatten)]
         opts: SuiteOpts,
     },
@@ -233,7 +216,8 @@ impl SuiteOpts {
         &self,
         urls: Vec<String>,
         queue: String,
-        pids: Vec<u32>,
+        pids: Vec<Vec<u32>>,
+        via: Via,
         label: &str,
     ) -> Result<SuiteConfig, String> {
         Ok(SuiteConfig {
@@ -241,6 +225,7 @@ impl SuiteOpts {
             amqp_url: self.amqp_url.clone(),
             queue,
             pids,
+            via,
             broker_pid: self
                 .broker_pid
                 .or_else(|| loadtest::procstat::find_by_name("beam.smp")),
@@ -352,43 +337,22 @@ fn main() -> ExitCode {
             opts,
         } => runtime_current().block_on(run(urls, pids, queue, opts)),
         Cmd::Compare {
-            wsnotify,
             repeat,
-            only,
-            replicas,
-            env,
+            servers,
             out,
             opts,
-        } => runtime_current().block_on(compare(
-            Servers {
-                wsnotify,
-                only,
-                replicas,
-                env,
-            },
-            repeat,
-            out,
-            opts,
-        )),
+        } => runtime_current().block_on(compare(servers, repeat, out, opts)),
         Cmd::Sweep {
             scenario,
             rates,
             counts,
             secs,
             out,
-            wsnotify,
             repeat,
-            only,
-            replicas,
-            env,
+            servers,
             opts,
         } => runtime_current().block_on(sweep(
-            Servers {
-                wsnotify,
-                only,
-                replicas,
-                env,
-            },
+            servers,
             SweepSpec {
                 scenario,
                 rates,
@@ -449,7 +413,13 @@ async fn run(
     } else {
         "server".to_owned()
     };
-    let cfg = opts.config(urls, queue, pids, &label)?;
+    // One process per URL, or every process behind a single URL.
+    let pids = if urls.len() == 1 {
+        vec![pids]
+    } else {
+        pids.into_iter().map(|p| vec![p]).collect()
+    };
+    let cfg = opts.config(urls, queue, pids, Via::Amqp, &label)?;
     let r = Suite::run(cfg).await?;
     let table = report::table(&r);
     if opts.json {
@@ -472,17 +442,18 @@ fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, String> {
 }
 
 /// One suite against a fresh server of `kind` (`replicas` processes for wsnotify, always one
-/// for the baseline) on a fresh queue, which is removed afterwards whatever happened.
+/// for the others) on a fresh queue, which is removed afterwards whatever happened.
 async fn run_one(
     kind: &Kind,
     replicas: usize,
     env: &[(String, String)],
     opts: &SuiteOpts,
+    nchan_publishers: usize,
     label: &str,
 ) -> Result<SuiteResult, String> {
     let replicas = match kind {
         Kind::Wsnotify(_) => replicas.max(1),
-        Kind::Baseline(_) => 1,
+        Kind::Baseline(_) | Kind::Nchan(_) => 1,
     };
     let queue = format!(
         "loadtest_{}",
@@ -496,10 +467,17 @@ async fn run_one(
                 .await?;
         let urls = servers
             .iter()
-            .map(|s| format!("ws://{}/ws", s.addr))
+            .map(|s| format!("ws://{}{}", s.addr, kind.ws_path()))
             .collect();
-        let pids = servers.iter().map(|s| s.pid).collect();
-        let r = match opts.config(urls, queue.clone(), pids, label) {
+        let pids = servers.iter().map(|s| s.pids.clone()).collect();
+        let via = match kind {
+            Kind::Nchan(_) => Via::Nchan {
+                addr: servers[0].addr,
+                conns: nchan_publishers,
+            },
+            _ => Via::Amqp,
+        };
+        let r = match opts.config(urls, queue.clone(), pids, via, label) {
             Ok(cfg) => Suite::run(cfg).await,
             Err(e) => Err(e),
         };
@@ -522,31 +500,65 @@ fn label(kind: &Kind, replicas: usize, round: usize) -> String {
 }
 
 /// Which servers a `compare` or `sweep` runs, and how.
+#[derive(Args)]
 struct Servers {
+    /// The wsnotify binary.
+    #[arg(long, default_value = "target/release/wsnotify")]
     wsnotify: PathBuf,
+    /// Only these servers, comma-separated: `wsnotify`, `baseline`, `nchan`.
+    #[arg(long)]
     only: Option<String>,
+    /// Also run these servers (comma-separated; `nchan`), besides wsnotify and the baseline.
+    #[arg(long)]
+    with: Option<String>,
+    /// wsnotify processes on the same notify queue (replicas of one gateway); the
+    /// connections are spread evenly over them. The others always run as one process.
+    #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Extra environment for wsnotify, `KEY=VALUE` (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// nginx binary for the nchan baseline (needs libnginx-mod-nchan).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+    /// Keep-alive HTTP connections publishing to nchan.
+    #[arg(long, default_value_t = 4)]
+    nchan_publishers: usize,
 }
 
 impl Servers {
     /// The servers to run, in their first-round order.
     fn kinds(&self) -> Result<Vec<Kind>, String> {
         let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
-        let all = [Kind::Wsnotify(self.wsnotify.clone()), Kind::Baseline(exe)];
-        let wanted: Option<Vec<&str>> = self
-            .only
-            .as_deref()
-            .map(|o| o.split(',').map(str::trim).collect());
+        let all = [
+            Kind::Wsnotify(self.wsnotify.clone()),
+            Kind::Nchan(self.nginx.clone()),
+            Kind::Baseline(exe),
+        ];
+        let list = |o: &Option<String>| -> Result<Option<Vec<String>>, String> {
+            let Some(o) = o else { return Ok(None) };
+            let names: Vec<String> = o.split(',').map(|n| n.trim().to_owned()).collect();
+            match names
+                .iter()
+                .find(|n| !all.iter().any(|k| k.label() == n.as_str()))
+            {
+                Some(n) => Err(format!(
+                    "unknown server {n:?}: expected wsnotify, baseline or nchan"
+                )),
+                None => Ok(Some(names)),
+            }
+        };
+        let only = list(&self.only)?;
+        let with = list(&self.with)?.unwrap_or_default();
         let kinds: Vec<Kind> = all
             .into_iter()
-            .filter(|k| wanted.as_ref().is_none_or(|w| w.contains(&k.label())))
+            .filter(|k| match &only {
+                Some(o) => o.iter().any(|n| n == k.label()),
+                None => !matches!(k, Kind::Nchan(_)) || with.iter().any(|n| n == k.label()),
+            })
             .collect();
         if kinds.is_empty() {
-            return Err(format!(
-                "--only {}: expected wsnotify or baseline",
-                self.only.as_deref().unwrap_or_default()
-            ));
+            return Err("--only: no server left to run".into());
         }
         if self.replicas > 1 && kinds.iter().any(|k| matches!(k, Kind::Baseline(_))) {
             eprintln!(
@@ -573,12 +585,29 @@ impl Servers {
         }
         for kind in order {
             let label = label(kind, self.replicas, round + 1);
-            let r = run_one(kind, self.replicas, &env, opts, &label).await?;
+            let r = run_one(
+                kind,
+                self.replicas,
+                &env,
+                opts,
+                self.nchan_publishers,
+                &label,
+            )
+            .await?;
             eprintln!("{}", report::table(&r));
             results.entry(kind.label()).or_default().push(r);
         }
         Ok(())
     }
+}
+
+/// The side-by-side table: wsnotify first, then nchan, then the baseline.
+fn comparison(results: &BTreeMap<&'static str, Vec<SuiteResult>>) -> String {
+    let runs: Vec<(&str, &[SuiteResult])> = ["wsnotify", "nchan", "baseline"]
+        .iter()
+        .filter_map(|n| results.get(n).map(|r| (*n, r.as_slice())))
+        .collect();
+    report::comparison(&runs)
 }
 
 fn results_json(
@@ -613,11 +642,7 @@ async fn compare(
     for round in 0..repeat.max(1) {
         servers.round(&kinds, round, &opts, &mut results).await?;
     }
-    let none = Vec::new();
-    let cmp = report::comparison(
-        results.get("wsnotify").unwrap_or(&none),
-        results.get("baseline").unwrap_or(&none),
-    );
+    let cmp = comparison(&results);
     let json = serde_json::Value::Object(results_json(&results, servers.replicas));
     if let Some(dir) = &out {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;

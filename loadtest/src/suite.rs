@@ -81,9 +81,12 @@ pub struct SuiteConfig {
     pub urls: Vec<String>,
     pub amqp_url: String,
     pub queue: String,
-    /// Server processes for RSS and CPU, one per URL (empty: those figures are left out).
-    /// Figures are summed over them; per-process readings are in [`SuiteResult::servers`].
-    pub pids: Vec<u32>,
+    /// Server processes for RSS and CPU: for each URL, the processes behind it (nginx: master
+    /// and worker). Empty: those figures are left out. Figures are summed over all of them;
+    /// per-server readings are in [`SuiteResult::servers`].
+    pub pids: Vec<Vec<u32>>,
+    /// How notifications reach the server.
+    pub via: Via,
     /// Broker process (RabbitMQ's `beam.smp`), for its CPU share.
     pub broker_pid: Option<u32>,
     pub connections: usize,
@@ -108,6 +111,53 @@ pub struct SuiteConfig {
     pub exe: PathBuf,
     pub label: String,
     pub progress: bool,
+}
+
+/// How notifications are published.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// Task envelopes on the notify queue, through RabbitMQ (wsnotify, the baseline).
+    Amqp,
+    /// Frames POSTed to nchan's HTTP publisher at this address, over this many keep-alive
+    /// connections (no broker).
+    Nchan { addr: SocketAddr, conns: usize },
+}
+
+/// Either publisher.
+enum Sink {
+    Amqp(Publisher),
+    Nchan(crate::nchan::HttpPublisher),
+}
+
+impl Sink {
+    async fn broadcast(&mut self) -> Result<(), String> {
+        match self {
+            Sink::Amqp(p) => p.broadcast().await,
+            Sink::Nchan(p) => p.broadcast().await,
+        }
+    }
+
+    async fn unicast(&mut self, user: &str) -> Result<(), String> {
+        match self {
+            Sink::Amqp(p) => p.to_user(user).await,
+            Sink::Nchan(p) => p.to_user(user).await,
+        }
+    }
+
+    /// Publishes that failed (HTTP errors; AMQP publishes fail loudly instead).
+    fn failed(&self) -> u64 {
+        match self {
+            Sink::Amqp(_) => 0,
+            Sink::Nchan(p) => p.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Sink::Amqp(p) => p.close().await,
+            Sink::Nchan(p) => p.close().await,
+        }
+    }
 }
 
 /// Latency summary in microseconds.
@@ -165,6 +215,8 @@ pub struct Delivery {
     /// Everything else on the machine (other processes, the kernel's own work): busy cores
     /// from `/proc/stat` minus the three above. Large values mean a noisy run.
     pub other_cores: Option<f64>,
+    /// Publishes the server refused or did not answer (nchan's HTTP publisher).
+    pub failed_publishes: u64,
     /// The server's own delivery latency from its `/metrics` (bucket upper bound), if exposed.
     pub gateway_p99_us: Option<f64>,
     pub gateway_p50_us: Option<f64>,
@@ -174,7 +226,8 @@ pub struct Delivery {
 /// One server process's own readings (a replica, or the only process).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ServerFigures {
-    pub pid: u32,
+    /// Its processes (nginx: master, worker); RSS and CPU are summed over them.
+    pub pids: Vec<u32>,
     pub url: String,
     /// Connections opened to it.
     pub connected: u64,
@@ -294,22 +347,35 @@ impl Suite {
         *crate::client::lock(&self.progress.phase) = name;
     }
 
-    /// RSS summed over the server processes (`None` if there are none or one is gone).
-    fn rss(&self) -> Option<u64> {
-        sum_each(&self.cfg.pids, rss_bytes)
+    fn all_pids(&self) -> Vec<u32> {
+        self.cfg.pids.iter().flatten().copied().collect()
     }
 
+    /// RSS summed over the server processes (`None` if there are none or one is gone).
+    fn rss(&self) -> Option<u64> {
+        sum_each(&self.all_pids(), rss_bytes)
+    }
+
+    /// RSS of each server (summed over its processes).
     fn rss_each(&self) -> Vec<Option<u64>> {
-        self.cfg.pids.iter().map(|&p| rss_bytes(p)).collect()
+        self.cfg
+            .pids
+            .iter()
+            .map(|g| sum_each(g, rss_bytes))
+            .collect()
     }
 
     /// CPU seconds summed over the server processes.
     fn cpu(&self) -> Option<f64> {
-        sum_each(&self.cfg.pids, cpu_secs)
+        sum_each(&self.all_pids(), cpu_secs)
     }
 
     fn cpu_each(&self) -> Vec<Option<f64>> {
-        self.cfg.pids.iter().map(|&p| cpu_secs(p)).collect()
+        self.cfg
+            .pids
+            .iter()
+            .map(|g| sum_each(g, cpu_secs))
+            .collect()
     }
 
     fn frames(&self) -> u64 {
@@ -331,7 +397,7 @@ impl Suite {
             .iter()
             .map(|w| (w.frames.clone(), w.open.clone(), w.connected.clone()))
             .collect();
-        let pids = self.cfg.pids.clone();
+        let pids = self.all_pids();
         let label = self.cfg.label.clone();
         let total = self.cfg.connections;
         self.progress_task = Some(tokio::spawn(async move {
@@ -366,8 +432,16 @@ impl Suite {
             connections: cfg.connections,
             ..Default::default()
         };
-        let mut publisher = Publisher::connect(&cfg.amqp_url, &cfg.queue, cfg.frame_bytes).await?;
-        publisher.persistent(cfg.persistent);
+        let mut publisher = match cfg.via {
+            Via::Amqp => {
+                let mut p = Publisher::connect(&cfg.amqp_url, &cfg.queue, cfg.frame_bytes).await?;
+                p.persistent(cfg.persistent);
+                Sink::Amqp(p)
+            }
+            Via::Nchan { addr, conns } => Sink::Nchan(
+                crate::nchan::HttpPublisher::connect(addr, conns, cfg.frame_bytes).await?,
+            ),
+        };
 
         // ---- connect
         // Every server process gets the same number of workers, so the connections spread
@@ -414,7 +488,7 @@ impl Suite {
             .iter()
             .enumerate()
             .map(|(i, url)| ServerFigures {
-                pid: cfg.pids.get(i).copied().unwrap_or(0),
+                pids: cfg.pids.get(i).cloned().unwrap_or_default(),
                 url: url.clone(),
                 ..Default::default()
             })
@@ -589,7 +663,7 @@ impl Suite {
     /// their frames, and summarises.
     async fn deliver(
         &mut self,
-        publisher: &mut Publisher,
+        publisher: &mut Sink,
         n: u64,
         rate: f64,
         target: Target2,
@@ -603,6 +677,7 @@ impl Suite {
         let broker0 = self.cfg.broker_pid.and_then(cpu_secs);
         let machine0 = crate::procstat::machine_busy_secs();
         let open = self.open_now().max(0) as u64;
+        let failed0 = publisher.failed();
         let t0 = now_us();
         let started = Instant::now();
         let mut rng = fastrand::Rng::new();
@@ -621,7 +696,7 @@ impl Suite {
                     Target2::Broadcast => publisher.broadcast().await?,
                     Target2::RandomUser => {
                         let u = &self.live_users[rng.usize(..self.live_users.len())];
-                        publisher.to_user(u).await?;
+                        publisher.unicast(u).await?;
                     }
                 }
                 sent += 1;
@@ -704,6 +779,7 @@ impl Suite {
             server_cores: cpu0.zip(cpu1).map(|(a, b)| (b - a) / wall),
             broker_cores: broker0.zip(broker1).map(|(a, b)| (b - a) / wall),
             client_cores: (client_cpu1 - client_cpu0) / wall,
+            failed_publishes: publisher.failed() - failed0,
             ..Default::default()
         };
         if let (Some(a), Some(b)) = (machine0, machine1) {
