@@ -287,6 +287,22 @@ impl Server {
             }
         }
         if let Some(dir) = self.dir.take() {
+            // nginx reports refused connections and exhausted limits only in its log.
+            let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+            let bad: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    ["[error]", "[crit]", "[alert]", "[emerg]"]
+                        .iter()
+                        .any(|k| l.contains(k))
+                })
+                .collect();
+            if let Some(first) = bad.first() {
+                eprintln!(
+                    "loadtest: nginx logged {} errors; the first: {first}",
+                    bad.len()
+                );
+            }
             let _ = std::fs::remove_dir_all(dir);
         }
     }
