@@ -323,6 +323,22 @@ pub fn table(r: &SuiteResult) -> String {
             meets(&f, v)
         );
     }
+    for (name, d) in [
+        ("fanout", &r.fanout),
+        ("sustained", &r.sustained),
+        ("unicast", &r.unicast),
+    ] {
+        if let Some(d) = d.as_ref().filter(|d| d.late_before > 0) {
+            let _ = writeln!(
+                out,
+                "before {name}: {} frames of the previous phase were still arriving, for {:.1} s",
+                d.late_before, d.late_before_secs
+            );
+        }
+        if let Some(d) = d.as_ref().filter(|d| d.failed_publishes > 0) {
+            let _ = writeln!(out, "{name}: {} publishes failed", d.failed_publishes);
+        }
+    }
     if r.servers.len() > 1 {
         for (i, s) in r.servers.iter().enumerate() {
             let mb = |b: Option<u64>| b.map_or("–".into(), |b| format!("{:.1}", b as f64 / 1e6));

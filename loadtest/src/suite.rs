@@ -215,6 +215,10 @@ pub struct Delivery {
     /// Everything else on the machine (other processes, the kernel's own work): busy cores
     /// from `/proc/stat` minus the three above. Large values mean a noisy run.
     pub other_cores: Option<f64>,
+    /// Frames of the previous phase that were still arriving when this one was about to
+    /// start, and for how long (this phase waited for them to stop).
+    pub late_before: u64,
+    pub late_before_secs: f64,
     /// Publishes the server refused or did not answer (nchan's HTTP publisher).
     pub failed_publishes: u64,
     /// The server's own delivery latency from its `/metrics` (bucket upper bound), if exposed.
@@ -668,6 +672,24 @@ impl Suite {
         rate: f64,
         target: Target2,
     ) -> Result<Delivery, String> {
+        // Frames of an earlier phase still arriving (a server that fell behind and was cut
+        // off by that phase's cap) would count in this one: wait until they stop (bounded).
+        let waited = Instant::now();
+        let first = self.frames();
+        let mut last = (first, Instant::now());
+        while waited.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let f = self.frames();
+            if f != last.0 {
+                last = (f, Instant::now());
+            } else if last.1.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
+        }
+        let (late_before, late_before_secs) = (
+            last.0.saturating_sub(first),
+            last.1.duration_since(waited).as_secs_f64(),
+        );
         all(&mut self.workers, Cmd::Reset, Duration::from_secs(30)).await?;
         let before = self.reports().await?;
         let client_cpu0 = sum(before.iter().map(|r| r.cpu_secs));
@@ -780,6 +802,8 @@ impl Suite {
             broker_cores: broker0.zip(broker1).map(|(a, b)| (b - a) / wall),
             client_cores: (client_cpu1 - client_cpu0) / wall,
             failed_publishes: publisher.failed() - failed0,
+            late_before,
+            late_before_secs,
             ..Default::default()
         };
         if let (Some(a), Some(b)) = (machine0, machine1) {
