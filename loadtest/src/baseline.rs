@@ -178,7 +178,8 @@ async fn client(sock: TcpStream, hub: Arc<Hub>, auth: Arc<BaselineAuth>) {
     hub.remove(&user, id);
 }
 
-fn timestamp() -> String {
+/// Now, RFC 3339 UTC with milliseconds (the frames' `timestamp`).
+pub fn timestamp() -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );

@@ -265,12 +265,13 @@ impl Pool {
     }
 }
 
+/// `GET <path>?<auth query>`; a `{user}` in the path is the user id (nchan's `/sub/{user}`).
 fn upgrade_request(target: &Target, user: &str) -> Vec<u8> {
     let sep = if target.path.contains('?') { '&' } else { '?' };
     format!(
         "GET {}{sep}{} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        target.path,
+        target.path.replace("{user}", user),
         target.auth.query(user),
         target.addr
     )

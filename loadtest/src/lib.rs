@@ -8,7 +8,9 @@
 //! * [`publish`]: backend-style publishing with send times in `data`;
 //! * [`suite`]: the scenarios and their figures; [`report`]: tables;
 //! * [`baseline`]: the naive tokio-tungstenite server every figure is compared with;
-//! * [`server`]: starting either server for `loadtest compare`;
+//! * [`nchan`]: nginx + nchan as a second baseline (HTTP publishing, no broker);
+//! * [`server`]: starting the servers for `loadtest compare`;
+//! * [`plot`]: SVG figures from the JSON results;
 //! * [`probe`]: RabbitMQ alone, the floor under any gateway's latency; [`carrier`]: the
 //!   broker's cost of each fan-out carrier, to choose one with numbers;
 //! * [`procstat`], [`prom`]: the server's RSS and CPU from `/proc`, its `/metrics`.
@@ -16,6 +18,8 @@
 pub mod baseline;
 pub mod carrier;
 pub mod client;
+pub mod nchan;
+pub mod plot;
 pub mod probe;
 pub mod procstat;
 pub mod prom;

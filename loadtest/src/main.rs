@@ -1,8 +1,9 @@
 //! `loadtest`: see the crate documentation and BENCHMARKS.md for what each figure means and
 //! how to reproduce it.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use loadtest::client::Auth;
 use loadtest::publish::Publisher;
 use loadtest::report;
 use loadtest::server::{Kind, Server};
-use loadtest::suite::{Phases, Suite, SuiteConfig, SuiteResult};
+use loadtest::suite::{Phases, Suite, SuiteConfig, SuiteResult, Via};
 use loadtest::worker::{self, WorkerArgs};
 
 #[derive(Parser)]
@@ -46,24 +47,52 @@ enum Cmd {
     /// Start wsnotify and the naive baseline in turn (interleaved, `--repeat` times each) on
     /// fresh queues and ports, run the same suite against each, and print both with ratios.
     Compare {
-        /// The wsnotify binary.
-        #[arg(long, default_value = "target/release/wsnotify")]
-        wsnotify: PathBuf,
         /// Runs per server.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
-        /// Only this server (`wsnotify` or `baseline`).
+        #[command(flatten)]
+        servers: Servers,
+        /// Also write the JSON (`compare.json`) and its figure (`frames-per-phase.svg`) here.
         #[arg(long)]
-        only: Option<String>,
-        /// wsnotify processes on the same notify queue (replicas of one gateway); the
-        /// connections are spread evenly over them. The baseline always runs as one process.
-        #[arg(long, default_value_t = 1)]
-        replicas: usize,
-        /// Extra environment for wsnotify, `KEY=VALUE` (repeatable).
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
+        out: Option<PathBuf>,
         #[command(flatten)]
         opts: SuiteOpts,
+    },
+    /// Run `compare` at several points (offered rates, or connection counts), the servers
+    /// interleaved at each point, and write one JSON with every point and an SVG figure to
+    /// `--out`: `unicast-latency.svg`, `sustained-latency.svg` or `idle-rss.svg`.
+    Sweep {
+        /// `unicast` (--rates in notifications/s), `sustained` (--rates in broadcasts/s) or
+        /// `idle` (--counts: connections, RSS after connecting).
+        #[arg(long)]
+        scenario: String,
+        /// Offered rates, comma-separated (unicast, sustained).
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<f64>,
+        /// Connection counts, comma-separated (idle).
+        #[arg(long, value_delimiter = ',')]
+        counts: Vec<usize>,
+        /// Seconds per point (sets --unicast-secs or --sustained-secs).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Directory for `<scenario>-sweep.json` and the figure.
+        #[arg(long)]
+        out: PathBuf,
+        /// Runs per server at each point (the figure uses the median).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        opts: SuiteOpts,
+    },
+    /// Redraw the SVG figures of a `compare --json` or `sweep` result without running anything.
+    Plot {
+        /// The JSON file.
+        json: PathBuf,
+        /// Directory for the SVG files (default: next to the JSON).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// The naive baseline server: tokio-tungstenite defaults, split + one mpsc per connection.
     Baseline {
@@ -191,7 +220,7 @@ struct SuiteOpts {
     /// Print the results as JSON on stdout (tables go to stderr).
     #[arg(long)]
     json: bool,
-    /// No live progress line.
+    /// No live progress line (there is none when stderr is not a terminal either).
     #[arg(long)]
     quiet: bool,
 }
@@ -210,7 +239,8 @@ impl SuiteOpts {
         &self,
         urls: Vec<String>,
         queue: String,
-        pids: Vec<u32>,
+        pids: Vec<Vec<u32>>,
+        via: Via,
         label: &str,
     ) -> Result<SuiteConfig, String> {
         Ok(SuiteConfig {
@@ -218,6 +248,7 @@ impl SuiteOpts {
             amqp_url: self.amqp_url.clone(),
             queue,
             pids,
+            via,
             broker_pid: self
                 .broker_pid
                 .or_else(|| loadtest::procstat::find_by_name("beam.smp")),
@@ -361,13 +392,44 @@ fn main() -> ExitCode {
             opts,
         } => runtime_current().block_on(run(urls, pids, queue, opts)),
         Cmd::Compare {
-            wsnotify,
             repeat,
-            only,
-            replicas,
-            env,
+            servers,
+            out,
             opts,
-        } => runtime_current().block_on(compare(wsnotify, repeat, only, replicas, env, opts)),
+        } => runtime_current().block_on(compare(servers, repeat, out, opts)),
+        Cmd::Sweep {
+            scenario,
+            rates,
+            counts,
+            secs,
+            out,
+            repeat,
+            servers,
+            opts,
+        } => runtime_current().block_on(sweep(
+            servers,
+            SweepSpec {
+                scenario,
+                rates,
+                counts,
+                secs,
+                repeat,
+            },
+            out,
+            opts,
+        )),
+        Cmd::Plot { json, out } => {
+            let out = out.unwrap_or_else(|| {
+                json.parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."))
+            });
+            loadtest::plot::from_file(&json, &out).map(|files| {
+                for f in files {
+                    println!("{}", f.display());
+                }
+            })
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -406,7 +468,13 @@ async fn run(
     } else {
         "server".to_owned()
     };
-    let cfg = opts.config(urls, queue, pids, &label)?;
+    // One process per URL, or every process behind a single URL.
+    let pids = if urls.len() == 1 {
+        vec![pids]
+    } else {
+        pids.into_iter().map(|p| vec![p]).collect()
+    };
+    let cfg = opts.config(urls, queue, pids, Via::Amqp, &label)?;
     let r = Suite::run(cfg).await?;
     let table = report::table(&r);
     if opts.json {
@@ -429,17 +497,18 @@ fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, String> {
 }
 
 /// One suite against a fresh server of `kind` (`replicas` processes for wsnotify, always one
-/// for the baseline) on a fresh queue, which is removed afterwards whatever happened.
+/// for the others) on a fresh queue, which is removed afterwards whatever happened.
 async fn run_one(
     kind: &Kind,
     replicas: usize,
     env: &[(String, String)],
     opts: &SuiteOpts,
+    nchan_publishers: usize,
     label: &str,
 ) -> Result<SuiteResult, String> {
     let replicas = match kind {
         Kind::Wsnotify(_) => replicas.max(1),
-        Kind::Baseline(_) => 1,
+        Kind::Baseline(_) | Kind::Nchan(_) => 1,
     };
     let queue = format!(
         "loadtest_{}",
@@ -453,10 +522,17 @@ async fn run_one(
                 .await?;
         let urls = servers
             .iter()
-            .map(|s| format!("ws://{}/ws", s.addr))
+            .map(|s| format!("ws://{}{}", s.addr, kind.ws_path()))
             .collect();
-        let pids = servers.iter().map(|s| s.pid).collect();
-        let r = match opts.config(urls, queue.clone(), pids, label) {
+        let pids = servers.iter().map(|s| s.pids.clone()).collect();
+        let via = match kind {
+            Kind::Nchan(_) => Via::Nchan {
+                addr: servers[0].addr,
+                conns: nchan_publishers,
+            },
+            _ => Via::Amqp,
+        };
+        let r = match opts.config(urls, queue.clone(), pids, via, label) {
             Ok(cfg) => Suite::run(cfg).await,
             Err(e) => Err(e),
         };
@@ -478,67 +554,245 @@ fn label(kind: &Kind, replicas: usize, round: usize) -> String {
     }
 }
 
-async fn compare(
+/// Which servers a `compare` or `sweep` runs, and how.
+#[derive(Args)]
+struct Servers {
+    /// The wsnotify binary.
+    #[arg(long, default_value = "target/release/wsnotify")]
     wsnotify: PathBuf,
-    repeat: usize,
+    /// Only these servers, comma-separated: `wsnotify`, `baseline`, `nchan`.
+    #[arg(long)]
     only: Option<String>,
+    /// Also run these servers (comma-separated; `nchan`), besides wsnotify and the baseline.
+    #[arg(long)]
+    with: Option<String>,
+    /// wsnotify processes on the same notify queue (replicas of one gateway); the
+    /// connections are spread evenly over them. The others always run as one process.
+    #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Extra environment for wsnotify, `KEY=VALUE` (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
-    opts: SuiteOpts,
-) -> Result<(), String> {
-    let env = parse_env(&env)?;
-    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
-    let kinds = [Kind::Wsnotify(wsnotify), Kind::Baseline(exe)];
-    let kinds: Vec<&Kind> = kinds
-        .iter()
-        .filter(|k| only.as_deref().is_none_or(|o| o == k.label()))
-        .collect();
-    if kinds.is_empty() {
-        return Err(format!(
-            "--only {}: expected wsnotify or baseline",
-            only.unwrap_or_default()
-        ));
+    /// nginx binary for the nchan baseline (needs libnginx-mod-nchan).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+    /// Keep-alive HTTP connections publishing to nchan.
+    #[arg(long, default_value_t = 4)]
+    nchan_publishers: usize,
+}
+
+impl Servers {
+    /// The servers to run, in their first-round order.
+    fn kinds(&self) -> Result<Vec<Kind>, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+        let all = [
+            Kind::Wsnotify(self.wsnotify.clone()),
+            Kind::Nchan(self.nginx.clone()),
+            Kind::Baseline(exe),
+        ];
+        let list = |o: &Option<String>| -> Result<Option<Vec<String>>, String> {
+            let Some(o) = o else { return Ok(None) };
+            let names: Vec<String> = o.split(',').map(|n| n.trim().to_owned()).collect();
+            match names
+                .iter()
+                .find(|n| !all.iter().any(|k| k.label() == n.as_str()))
+            {
+                Some(n) => Err(format!(
+                    "unknown server {n:?}: expected wsnotify, baseline or nchan"
+                )),
+                None => Ok(Some(names)),
+            }
+        };
+        let only = list(&self.only)?;
+        let with = list(&self.with)?.unwrap_or_default();
+        let kinds: Vec<Kind> = all
+            .into_iter()
+            .filter(|k| match &only {
+                Some(o) => o.iter().any(|n| n == k.label()),
+                None => !matches!(k, Kind::Nchan(_)) || with.iter().any(|n| n == k.label()),
+            })
+            .collect();
+        if kinds.is_empty() {
+            return Err("--only: no server left to run".into());
+        }
+        if self.replicas > 1 && kinds.iter().any(|k| matches!(k, Kind::Baseline(_))) {
+            eprintln!(
+                "loadtest: wsnotify runs as {} replicas on one queue; the baseline runs as one process (single hop: it consumes the notify queue itself)",
+                self.replicas
+            );
+        }
+        Ok(kinds)
     }
-    if replicas > 1 && kinds.iter().any(|k| matches!(k, Kind::Baseline(_))) {
-        eprintln!(
-            "loadtest: wsnotify runs as {replicas} replicas on one queue; the baseline runs as one process (single hop: it consumes the notify queue itself)"
-        );
-    }
-    let mut ours: Vec<SuiteResult> = Vec::new();
-    let mut base: Vec<SuiteResult> = Vec::new();
-    for round in 0..repeat.max(1) {
-        // Alternate the order so neither server always runs first.
-        let mut order = kinds.clone();
+
+    /// Every server once, in alternating order by `round`; results by server label.
+    async fn round(
+        &self,
+        kinds: &[Kind],
+        round: usize,
+        opts: &SuiteOpts,
+        results: &mut BTreeMap<&'static str, Vec<SuiteResult>>,
+    ) -> Result<(), String> {
+        let env = parse_env(&self.env)?;
+        let mut order: Vec<&Kind> = kinds.iter().collect();
+        // Alternate the order so no server always runs first.
         if round % 2 == 1 {
             order.reverse();
         }
         for kind in order {
+            let label = label(kind, self.replicas, round + 1);
             let r = run_one(
                 kind,
-                replicas,
+                self.replicas,
                 &env,
-                &opts,
-                &label(kind, replicas, round + 1),
+                opts,
+                self.nchan_publishers,
+                &label,
             )
             .await?;
             eprintln!("{}", report::table(&r));
-            match kind {
-                Kind::Wsnotify(_) => ours.push(r),
-                Kind::Baseline(_) => base.push(r),
-            }
+            results.entry(kind.label()).or_default().push(r);
+        }
+        Ok(())
+    }
+}
+
+/// The side-by-side table: wsnotify first, then nchan, then the baseline.
+fn comparison(results: &BTreeMap<&'static str, Vec<SuiteResult>>) -> String {
+    let runs: Vec<(&str, &[SuiteResult])> = ["wsnotify", "nchan", "baseline"]
+        .iter()
+        .filter_map(|n| results.get(n).map(|r| (*n, r.as_slice())))
+        .collect();
+    report::comparison(&runs)
+}
+
+fn results_json(
+    results: &BTreeMap<&'static str, Vec<SuiteResult>>,
+    replicas: usize,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("commit".into(), commit().into());
+    m.insert("replicas".into(), replicas.max(1).into());
+    for (k, v) in results {
+        m.insert(
+            (*k).to_owned(),
+            serde_json::to_value(v).expect("results serialize"),
+        );
+    }
+    m
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).expect("results serialize");
+    std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+async fn compare(
+    servers: Servers,
+    repeat: usize,
+    out: Option<PathBuf>,
+    opts: SuiteOpts,
+) -> Result<(), String> {
+    let kinds = servers.kinds()?;
+    let mut results = BTreeMap::new();
+    for round in 0..repeat.max(1) {
+        servers.round(&kinds, round, &opts, &mut results).await?;
+    }
+    let cmp = comparison(&results);
+    let json = serde_json::Value::Object(results_json(&results, servers.replicas));
+    if let Some(dir) = &out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        write_json(&dir.join("compare.json"), &json)?;
+        for f in loadtest::plot::from_value(&json, dir)? {
+            eprintln!("loadtest: wrote {}", f.display());
         }
     }
-    let cmp = report::comparison(&ours, &base);
     if opts.json {
         eprintln!("{cmp}");
-        print_json(&serde_json::json!({
-            "commit": commit(),
-            "replicas": replicas.max(1),
-            "wsnotify": ours,
-            "baseline": base,
-        }));
+        print_json(&json);
     } else {
         println!("{cmp}");
+    }
+    Ok(())
+}
+
+struct SweepSpec {
+    scenario: String,
+    rates: Vec<f64>,
+    counts: Vec<usize>,
+    secs: f64,
+    repeat: usize,
+}
+
+/// `compare` at each point of a sweep; one JSON (`points: [{x, <server>: [results]}]`) and
+/// its figure in `out`. The JSON is rewritten after every point, so an interrupted sweep
+/// keeps what it measured.
+async fn sweep(
+    servers: Servers,
+    spec: SweepSpec,
+    out: PathBuf,
+    opts: SuiteOpts,
+) -> Result<(), String> {
+    let kinds = servers.kinds()?;
+    let xs: Vec<f64> = match spec.scenario.as_str() {
+        "unicast" | "sustained" => spec.rates.clone(),
+        "idle" => spec.counts.iter().map(|&n| n as f64).collect(),
+        other => {
+            return Err(format!(
+                "--scenario {other}: expected unicast, sustained or idle"
+            ));
+        }
+    };
+    if xs.is_empty() {
+        return Err(match spec.scenario.as_str() {
+            "idle" => "--counts: give the connection counts, e.g. 2000,5000,10000".into(),
+            _ => "--rates: give the offered rates, e.g. 1000,2000,5000,10000".into(),
+        });
+    }
+    std::fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    let file = out.join(format!("{}-sweep.json", spec.scenario));
+    let mut points = Vec::new();
+    let mut round = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        let mut o = opts.clone();
+        o.scenarios = spec.scenario.clone();
+        match spec.scenario.as_str() {
+            "unicast" => {
+                o.unicast_rate = x;
+                o.unicast_secs = spec.secs;
+            }
+            "sustained" => {
+                o.sustained_rate = x;
+                o.sustained_secs = spec.secs;
+            }
+            _ => o.connections = x as usize,
+        }
+        eprintln!(
+            "loadtest sweep: point {} of {}: {} = {x}",
+            i + 1,
+            xs.len(),
+            spec.scenario
+        );
+        let mut results = BTreeMap::new();
+        for _ in 0..spec.repeat.max(1) {
+            servers.round(&kinds, round, &o, &mut results).await?;
+            round += 1;
+        }
+        let mut point = results_json(&results, servers.replicas);
+        point.remove("commit");
+        point.insert("x".into(), x.into());
+        points.push(serde_json::Value::Object(point));
+        let json = serde_json::json!({
+            "commit": commit(),
+            "sweep": spec.scenario,
+            "secs": spec.secs,
+            "connections": opts.connections,
+            "points": points,
+        });
+        write_json(&file, &json)?;
+    }
+    eprintln!("loadtest: wrote {}", file.display());
+    for f in loadtest::plot::from_file(&file, &out)? {
+        eprintln!("loadtest: wrote {}", f.display());
     }
     Ok(())
 }

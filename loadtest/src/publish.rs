@@ -20,9 +20,35 @@ pub struct Publisher {
     conn: Connection,
     ch: Channel,
     queue: String,
-    pad: String,
+    data: Data,
     persistent: bool,
+}
+
+/// The `data` member of each notification: send time, sequence number, padding.
+pub struct Data {
+    pad: String,
     seq: u64,
+}
+
+impl Data {
+    /// Padding sized so that the frame a gateway writes is about `frame_bytes` long.
+    pub fn new(frame_bytes: usize) -> Data {
+        Data {
+            pad: "x".repeat(frame_bytes.saturating_sub(FRAME_OVERHEAD)),
+            seq: 0,
+        }
+    }
+
+    /// The next `data`, stamped with the current time.
+    pub fn stamp(&mut self) -> String {
+        self.seq += 1;
+        format!(
+            r#"{{"t":{},"s":{},"p":"{}"}}"#,
+            now_us(),
+            self.seq,
+            self.pad
+        )
+    }
 }
 
 /// `amqp://user:pass@host:port/vhost` (vhost percent-encoded, `%2f` for `/`).
@@ -66,9 +92,8 @@ impl Publisher {
             conn,
             ch,
             queue: queue.to_owned(),
-            pad: "x".repeat(frame_bytes.saturating_sub(FRAME_OVERHEAD)),
+            data: Data::new(frame_bytes),
             persistent: false,
-            seq: 0,
         })
     }
 
@@ -115,16 +140,6 @@ impl Publisher {
         }
     }
 
-    fn data(&mut self) -> String {
-        self.seq += 1;
-        format!(
-            r#"{{"t":{},"s":{},"p":"{}"}}"#,
-            now_us(),
-            self.seq,
-            self.pad
-        )
-    }
-
     async fn send(&self, body: String) -> Result<(), String> {
         let mut props = BasicProperties::default();
         props
@@ -142,7 +157,7 @@ impl Publisher {
 
     /// One broadcast notification.
     pub async fn broadcast(&mut self) -> Result<(), String> {
-        let data = self.data();
+        let data = self.data.stamp();
         let body = format!(
             r#"{{"type":"websocket_notification","payload":{{"broadcast":true,"message_type":"lt","data":{data}}}}}"#
         );
@@ -151,7 +166,7 @@ impl Publisher {
 
     /// One notification for `user`.
     pub async fn to_user(&mut self, user: &str) -> Result<(), String> {
-        let data = self.data();
+        let data = self.data.stamp();
         let body = format!(
             r#"{{"type":"websocket_notification","payload":{{"user_id":"{user}","message_type":"lt","data":{data}}}}}"#
         );

@@ -323,6 +323,22 @@ pub fn table(r: &SuiteResult) -> String {
             meets(&f, v)
         );
     }
+    for (name, d) in [
+        ("fanout", &r.fanout),
+        ("sustained", &r.sustained),
+        ("unicast", &r.unicast),
+    ] {
+        if let Some(d) = d.as_ref().filter(|d| d.late_before > 0) {
+            let _ = writeln!(
+                out,
+                "before {name}: {} frames of the previous phase were still arriving, for {:.1} s",
+                d.late_before, d.late_before_secs
+            );
+        }
+        if let Some(d) = d.as_ref().filter(|d| d.failed_publishes > 0) {
+            let _ = writeln!(out, "{name}: {} publishes failed", d.failed_publishes);
+        }
+    }
     if r.servers.len() > 1 {
         for (i, s) in r.servers.iter().enumerate() {
             let mb = |b: Option<u64>| b.map_or("–".into(), |b| format!("{:.1}", b as f64 / 1e6));
@@ -333,9 +349,9 @@ pub fn table(r: &SuiteResult) -> String {
             };
             let _ = writeln!(
                 out,
-                "replica {} (pid {}, {} connections): RSS MB start {} idle {} after burst {} after disconnect {}; cores fanout {} sustained {} unicast {}; CPU {:.1} s",
+                "replica {} (pid {:?}, {} connections): RSS MB start {} idle {} after burst {} after disconnect {}; cores fanout {} sustained {} unicast {}; CPU {:.1} s",
                 i + 1,
-                s.pid,
+                s.pids,
                 s.connected,
                 mb(s.rss_start),
                 mb(s.rss_idle),
@@ -371,53 +387,79 @@ fn median(mut xs: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// wsnotify against the baseline: medians of each figure over the runs, and their ratio.
-pub fn comparison(ours: &[SuiteResult], base: &[SuiteResult]) -> String {
+/// wsnotify against the other servers: medians of each figure over the runs, and the ratio
+/// of wsnotify's to each other's. `runs` holds each server's name and runs, wsnotify first.
+pub fn comparison(runs: &[(&str, &[SuiteResult])]) -> String {
     let mut out = String::new();
+    let runs: Vec<&(&str, &[SuiteResult])> = runs.iter().filter(|(_, r)| !r.is_empty()).collect();
+    let Some(&&(first, ours)) = runs.first() else {
+        return out;
+    };
+    let others = &runs[1..];
+    let names: Vec<String> = runs
+        .iter()
+        .map(|(n, r)| format!("{} {n}", r.len()))
+        .collect();
     let _ = writeln!(
         out,
-        "\nwsnotify vs baseline (median of {} / {} runs, interleaved)",
-        ours.len(),
-        base.len()
+        "\n{} (median of runs: {}; interleaved)",
+        runs.iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(" vs "),
+        names.join(", ")
     );
     if let Some(n) = ours.iter().map(|r| r.replicas).max().filter(|&n| n > 1) {
         let _ = writeln!(
             out,
-            "wsnotify: {n} replicas on one notify queue (RSS and CPU summed over them). The baseline \
+            "{first}: {n} replicas on one notify queue (RSS and CPU summed over them). The baseline \
              runs as one process and is single-hop: it consumes the notify queue itself."
         );
     }
-    let _ = writeln!(
-        out,
-        "| {:<42} | {:>8} | {:>14} | {:>14} | {:>14} | {:>14} | {:>4} |",
-        "figure", "unit", "target", "wsnotify", "baseline", "ws ÷ base", "met"
-    );
-    let _ = writeln!(
-        out,
-        "|{:-<44}|{:->10}|{:->16}|{:->16}|{:->16}|{:->16}|{:->6}|",
-        "", "", "", "", "", "", ""
-    );
-    for f in figures() {
-        let a = median(ours.iter().filter_map(|r| (f.get)(r)).collect());
-        let b = median(base.iter().filter_map(|r| (f.get)(r)).collect());
-        if a.is_none() && b.is_none() {
-            continue;
-        }
-        let ratio = match (a, b) {
-            (Some(a), Some(b)) if b != 0.0 => format!("{:.3}", a / b),
-            _ => "–".into(),
-        };
+    if others.iter().any(|(n, _)| *n == "nchan") {
         let _ = writeln!(
             out,
-            "| {:<42} | {:>8} | {:>14} | {:>14} | {:>14} | {:>14} | {:>4} |",
+            "nchan: one nginx worker (RSS and CPU: master + worker); published by HTTP POST to \
+             nchan itself over keep-alive connections, a different path with no broker."
+        );
+    }
+    let mut head = format!("| {:<42} | {:>8} | {:>14} |", "figure", "unit", "target");
+    let mut rule = format!("|{:-<44}|{:->10}|{:->16}|", "", "", "");
+    for (n, _) in &runs {
+        head += &format!(" {n:>14} |");
+        rule += &format!("{:->16}|", "");
+    }
+    for (n, _) in others {
+        head += &format!(" {:>14} |", format!("ws ÷ {n}"));
+        rule += &format!("{:->16}|", "");
+    }
+    let _ = writeln!(out, "{head} {:>4} |", "met");
+    let _ = writeln!(out, "{rule}{:->6}|", "");
+    for f in figures() {
+        let meds: Vec<Option<f64>> = runs
+            .iter()
+            .map(|(_, rs)| median(rs.iter().filter_map(|r| (f.get)(r)).collect()))
+            .collect();
+        if meds.iter().all(Option::is_none) {
+            continue;
+        }
+        let mut line = format!(
+            "| {:<42} | {:>8} | {:>14} |",
             f.name,
             f.unit,
-            target_text(&f),
-            a.map_or("–".into(), fmt_num),
-            b.map_or("–".into(), fmt_num),
-            ratio,
-            a.map_or("", |v| meets(&f, v))
+            target_text(&f)
         );
+        for m in &meds {
+            line += &format!(" {:>14} |", m.map_or("–".into(), fmt_num));
+        }
+        for m in &meds[1..] {
+            let ratio = match (meds[0], m) {
+                (Some(a), Some(b)) if *b != 0.0 => format!("{:.3}", a / b),
+                _ => "–".into(),
+            };
+            line += &format!(" {ratio:>14} |");
+        }
+        let _ = writeln!(out, "{line} {:>4} |", meds[0].map_or("", |v| meets(&f, v)));
     }
     out
 }

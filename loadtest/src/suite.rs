@@ -81,9 +81,12 @@ pub struct SuiteConfig {
     pub urls: Vec<String>,
     pub amqp_url: String,
     pub queue: String,
-    /// Server processes for RSS and CPU, one per URL (empty: those figures are left out).
-    /// Figures are summed over them; per-process readings are in [`SuiteResult::servers`].
-    pub pids: Vec<u32>,
+    /// Server processes for RSS and CPU: for each URL, the processes behind it (nginx: master
+    /// and worker). Empty: those figures are left out. Figures are summed over all of them;
+    /// per-server readings are in [`SuiteResult::servers`].
+    pub pids: Vec<Vec<u32>>,
+    /// How notifications reach the server.
+    pub via: Via,
     /// Broker process (RabbitMQ's `beam.smp`), for its CPU share.
     pub broker_pid: Option<u32>,
     pub connections: usize,
@@ -108,6 +111,53 @@ pub struct SuiteConfig {
     pub exe: PathBuf,
     pub label: String,
     pub progress: bool,
+}
+
+/// How notifications are published.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// Task envelopes on the notify queue, through RabbitMQ (wsnotify, the baseline).
+    Amqp,
+    /// Frames POSTed to nchan's HTTP publisher at this address, over this many keep-alive
+    /// connections (no broker).
+    Nchan { addr: SocketAddr, conns: usize },
+}
+
+/// Either publisher.
+enum Sink {
+    Amqp(Publisher),
+    Nchan(crate::nchan::HttpPublisher),
+}
+
+impl Sink {
+    async fn broadcast(&mut self) -> Result<(), String> {
+        match self {
+            Sink::Amqp(p) => p.broadcast().await,
+            Sink::Nchan(p) => p.broadcast().await,
+        }
+    }
+
+    async fn unicast(&mut self, user: &str) -> Result<(), String> {
+        match self {
+            Sink::Amqp(p) => p.to_user(user).await,
+            Sink::Nchan(p) => p.to_user(user).await,
+        }
+    }
+
+    /// Publishes that failed (HTTP errors; AMQP publishes fail loudly instead).
+    fn failed(&self) -> u64 {
+        match self {
+            Sink::Amqp(_) => 0,
+            Sink::Nchan(p) => p.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Sink::Amqp(p) => p.close().await,
+            Sink::Nchan(p) => p.close().await,
+        }
+    }
 }
 
 /// Latency summary in microseconds.
@@ -165,6 +215,12 @@ pub struct Delivery {
     /// Everything else on the machine (other processes, the kernel's own work): busy cores
     /// from `/proc/stat` minus the three above. Large values mean a noisy run.
     pub other_cores: Option<f64>,
+    /// Frames of the previous phase that were still arriving when this one was about to
+    /// start, and for how long (this phase waited for them to stop).
+    pub late_before: u64,
+    pub late_before_secs: f64,
+    /// Publishes the server refused or did not answer (nchan's HTTP publisher).
+    pub failed_publishes: u64,
     /// The server's own delivery latency from its `/metrics` (bucket upper bound), if exposed.
     pub gateway_p99_us: Option<f64>,
     pub gateway_p50_us: Option<f64>,
@@ -174,7 +230,8 @@ pub struct Delivery {
 /// One server process's own readings (a replica, or the only process).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ServerFigures {
-    pub pid: u32,
+    /// Its processes (nginx: master, worker); RSS and CPU are summed over them.
+    pub pids: Vec<u32>,
     pub url: String,
     /// Connections opened to it.
     pub connected: u64,
@@ -230,6 +287,7 @@ pub struct Suite {
     /// HTTP address of each server process (for `/metrics`).
     http: Vec<SocketAddr>,
     progress: Arc<Progress>,
+    progress_task: Option<tokio::task::JoinHandle<()>>,
     open_at_start: u64,
 }
 
@@ -272,15 +330,19 @@ impl Suite {
                 phase: std::sync::Mutex::new("start"),
                 stop: AtomicBool::new(false),
             }),
+            progress_task: None,
             open_at_start: 0,
         };
         let res = suite.run_inner().await;
         suite.progress.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = suite.progress_task.take() {
+            t.abort();
+            let _ = t.await;
+            // Clear the line, so the tables that follow start on a clean one.
+            eprint!("\r\x1b[K");
+        }
         for w in suite.workers.drain(..) {
             w.stop().await;
-        }
-        if suite.cfg.progress {
-            eprintln!();
         }
         res
     }
@@ -289,22 +351,35 @@ impl Suite {
         *crate::client::lock(&self.progress.phase) = name;
     }
 
-    /// RSS summed over the server processes (`None` if there are none or one is gone).
-    fn rss(&self) -> Option<u64> {
-        sum_each(&self.cfg.pids, rss_bytes)
+    fn all_pids(&self) -> Vec<u32> {
+        self.cfg.pids.iter().flatten().copied().collect()
     }
 
+    /// RSS summed over the server processes (`None` if there are none or one is gone).
+    fn rss(&self) -> Option<u64> {
+        sum_each(&self.all_pids(), rss_bytes)
+    }
+
+    /// RSS of each server (summed over its processes).
     fn rss_each(&self) -> Vec<Option<u64>> {
-        self.cfg.pids.iter().map(|&p| rss_bytes(p)).collect()
+        self.cfg
+            .pids
+            .iter()
+            .map(|g| sum_each(g, rss_bytes))
+            .collect()
     }
 
     /// CPU seconds summed over the server processes.
     fn cpu(&self) -> Option<f64> {
-        sum_each(&self.cfg.pids, cpu_secs)
+        sum_each(&self.all_pids(), cpu_secs)
     }
 
     fn cpu_each(&self) -> Vec<Option<f64>> {
-        self.cfg.pids.iter().map(|&p| cpu_secs(p)).collect()
+        self.cfg
+            .pids
+            .iter()
+            .map(|g| sum_each(g, cpu_secs))
+            .collect()
     }
 
     fn frames(&self) -> u64 {
@@ -314,8 +389,10 @@ impl Suite {
             .sum()
     }
 
-    fn spawn_progress(&self) {
-        if !self.cfg.progress {
+    /// The live progress line: on a terminal only (nothing when stderr is piped), rewritten in
+    /// place twice a second.
+    fn spawn_progress(&mut self) {
+        if !self.cfg.progress || !std::io::stderr().is_terminal() {
             return;
         }
         let progress = self.progress.clone();
@@ -324,39 +401,32 @@ impl Suite {
             .iter()
             .map(|w| (w.frames.clone(), w.open.clone(), w.connected.clone()))
             .collect();
-        let pids = self.cfg.pids.clone();
+        let pids = self.all_pids();
         let label = self.cfg.label.clone();
-        let tty = std::io::stderr().is_terminal();
-        tokio::spawn(async move {
+        let total = self.cfg.connections;
+        self.progress_task = Some(tokio::spawn(async move {
             let started = Instant::now();
             let mut last = (Instant::now(), 0u64);
-            let mut last_line = Instant::now();
             while !progress.stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let frames: u64 = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
                 let open: i64 = counters.iter().map(|c| c.1.load(Ordering::Relaxed)).sum();
                 let conn: u64 = counters.iter().map(|c| c.2.load(Ordering::Relaxed)).sum();
                 let now = Instant::now();
+                // Counters restart at each phase.
                 let rate = frames.saturating_sub(last.1) as f64
                     / now.duration_since(last.0).as_secs_f64().max(1e-3);
                 last = (now, frames);
                 let rss = sum_each(&pids, rss_bytes)
                     .map_or("-".into(), |r| format!("{:.1} MB", r as f64 / 1e6));
                 let phase = *crate::client::lock(&progress.phase);
-                let line = format!(
-                    "[{label} {:>5.1}s] {phase:<10} connected {conn:>6}  open {open:>6}  frames {frames:>10}  {:>9.0} frames/s  server RSS {rss}",
+                eprint!(
+                    "\r[{label} {:>6.1} s] {phase:<10} connected {conn:>6} of {total}  open {open:>6}  frames {frames:>10} ({rate:>9.0}/s)  server RSS {rss}\x1b[K",
                     started.elapsed().as_secs_f64(),
-                    rate
                 );
-                if tty {
-                    eprint!("\r{line}\x1b[K");
-                    let _ = std::io::stderr().flush();
-                } else if last_line.elapsed() >= Duration::from_secs(2) {
-                    eprintln!("{line}");
-                    last_line = Instant::now();
-                }
+                let _ = std::io::stderr().flush();
             }
-        });
+        }));
     }
 
     async fn run_inner(&mut self) -> Result<SuiteResult, String> {
@@ -366,8 +436,16 @@ impl Suite {
             connections: cfg.connections,
             ..Default::default()
         };
-        let mut publisher = Publisher::connect(&cfg.amqp_url, &cfg.queue, cfg.frame_bytes).await?;
-        publisher.persistent(cfg.persistent);
+        let mut publisher = match cfg.via {
+            Via::Amqp => {
+                let mut p = Publisher::connect(&cfg.amqp_url, &cfg.queue, cfg.frame_bytes).await?;
+                p.persistent(cfg.persistent);
+                Sink::Amqp(p)
+            }
+            Via::Nchan { addr, conns } => Sink::Nchan(
+                crate::nchan::HttpPublisher::connect(addr, conns, cfg.frame_bytes).await?,
+            ),
+        };
 
         // ---- connect
         // Every server process gets the same number of workers, so the connections spread
@@ -414,7 +492,7 @@ impl Suite {
             .iter()
             .enumerate()
             .map(|(i, url)| ServerFigures {
-                pid: cfg.pids.get(i).copied().unwrap_or(0),
+                pids: cfg.pids.get(i).cloned().unwrap_or_default(),
                 url: url.clone(),
                 ..Default::default()
             })
@@ -589,11 +667,29 @@ impl Suite {
     /// their frames, and summarises.
     async fn deliver(
         &mut self,
-        publisher: &mut Publisher,
+        publisher: &mut Sink,
         n: u64,
         rate: f64,
         target: Target2,
     ) -> Result<Delivery, String> {
+        // Frames of an earlier phase still arriving (a server that fell behind and was cut
+        // off by that phase's cap) would count in this one: wait until they stop (bounded).
+        let waited = Instant::now();
+        let first = self.frames();
+        let mut last = (first, Instant::now());
+        while waited.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let f = self.frames();
+            if f != last.0 {
+                last = (f, Instant::now());
+            } else if last.1.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
+        }
+        let (late_before, late_before_secs) = (
+            last.0.saturating_sub(first),
+            last.1.duration_since(waited).as_secs_f64(),
+        );
         all(&mut self.workers, Cmd::Reset, Duration::from_secs(30)).await?;
         let before = self.reports().await?;
         let client_cpu0 = sum(before.iter().map(|r| r.cpu_secs));
@@ -603,6 +699,7 @@ impl Suite {
         let broker0 = self.cfg.broker_pid.and_then(cpu_secs);
         let machine0 = crate::procstat::machine_busy_secs();
         let open = self.open_now().max(0) as u64;
+        let failed0 = publisher.failed();
         let t0 = now_us();
         let started = Instant::now();
         let mut rng = fastrand::Rng::new();
@@ -621,7 +718,7 @@ impl Suite {
                     Target2::Broadcast => publisher.broadcast().await?,
                     Target2::RandomUser => {
                         let u = &self.live_users[rng.usize(..self.live_users.len())];
-                        publisher.to_user(u).await?;
+                        publisher.unicast(u).await?;
                     }
                 }
                 sent += 1;
@@ -704,6 +801,9 @@ impl Suite {
             server_cores: cpu0.zip(cpu1).map(|(a, b)| (b - a) / wall),
             broker_cores: broker0.zip(broker1).map(|(a, b)| (b - a) / wall),
             client_cores: (client_cpu1 - client_cpu0) / wall,
+            failed_publishes: publisher.failed() - failed0,
+            late_before,
+            late_before_secs,
             ..Default::default()
         };
         if let (Some(a), Some(b)) = (machine0, machine1) {
