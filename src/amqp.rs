@@ -86,6 +86,8 @@ pub struct ConsumerConfig {
     pub dedupe_window: usize,
     pub prefetch: u16,
     pub max_message_bytes: usize,
+    /// Least time between two records the taker appends (group commit under load).
+    pub record_spacing: Duration,
 }
 
 impl ConsumerConfig {
@@ -101,6 +103,7 @@ impl ConsumerConfig {
             dedupe_window: 65_536,
             prefetch: 256,
             max_message_bytes: 65_536,
+            record_spacing: Duration::from_millis(3),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -66,6 +67,7 @@ fn consumer_config(c: &Config, url: &str) -> Result<ConsumerConfig, ConfigError>
         dedupe_window: c.dedupe_window,
         prefetch: c.amqp_prefetch,
         max_message_bytes: c.max_message_bytes,
+        record_spacing: Duration::from_millis(c.record_spacing_ms),
         ..ConsumerConfig::new(url, &c.notify_queue)
     })
 }

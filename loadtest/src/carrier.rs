@@ -43,6 +43,9 @@ pub enum Carrier {
     Stream,
     /// A fanout exchange and one durable queue per replica.
     Queues,
+    /// The taker alone: group commit, acks after a (simulated, immediate) confirm, no fan-out
+    /// leg — what the ingest leg costs by itself.
+    Ingest,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +64,14 @@ pub struct CarrierResult {
 }
 
 const PREFETCH: u16 = 256;
+
+/// Size of each notification (`LOADTEST_FRAME_BYTES`, default 200).
+fn frame_bytes() -> usize {
+    std::env::var("LOADTEST_FRAME_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
 const REPLICA_PREFETCH: u16 = 64;
 const ACK_EVERY: u64 = 32;
 
@@ -79,7 +90,11 @@ pub async fn run(
         "loadtest_carrier_{}",
         &uuid::Uuid::now_v7().simple().to_string()[20..]
     );
-    let replicas = if carrier == Carrier::Direct { 1 } else { replicas.max(1) };
+    let replicas = match carrier {
+        Carrier::Direct => 1,
+        Carrier::Ingest => 0,
+        _ => replicas.max(1),
+    };
     let conn = Connection::open(&parse_amqp_url(amqp_url)?)
         .await
         .map_err(|e| format!("RabbitMQ: {e}"))?;
@@ -87,13 +102,13 @@ pub async fn run(
         .await
         .map_err(|e| e.to_string())?;
     let setup = channel(&conn).await?;
-    let mut publisher = Publisher::connect(amqp_url, &base, 200).await?;
+    let mut publisher = Publisher::connect(amqp_url, &base, frame_bytes()).await?;
     publisher.declare().await?;
     let log = format!("{base}.log");
     let exchange = format!("{base}.fanout");
     let replica_queues: Vec<String> = (0..replicas).map(|i| format!("{base}.r{i}")).collect();
     match carrier {
-        Carrier::Direct => {}
+        Carrier::Direct | Carrier::Ingest => {}
         Carrier::Stream => {
             let mut args = FieldTable::new();
             args.insert(
@@ -133,7 +148,7 @@ pub async fn run(
     for (i, q) in replica_queues.iter().enumerate() {
         let ch = channel(&conn).await?;
         let qname = match carrier {
-            Carrier::Direct => base.clone(),
+            Carrier::Direct | Carrier::Ingest => base.clone(),
             Carrier::Stream => log.clone(),
             Carrier::Queues => q.clone(),
         };
@@ -179,6 +194,7 @@ pub async fn run(
                 .map_err(|e| format!("consume: {e}"))?;
             let target = match carrier {
                 Carrier::Stream => ("".to_owned(), log.clone()),
+                Carrier::Ingest => (String::new(), String::new()),
                 _ => (exchange.clone(), String::new()),
             };
             Some(tokio::spawn(take(ch, rx, acks, target, n, spacing)))
@@ -202,7 +218,7 @@ pub async fn run(
         Some(t) => t.await.map_err(|e| format!("taker: {e}"))??,
         None => n,
     };
-    let mut first = None;
+    let mut first = (carrier == Carrier::Ingest).then(|| (n, new_histogram()));
     for r in readers {
         let got = r.await.map_err(|e| format!("replica: {e}"))?;
         first.get_or_insert(got);
@@ -212,17 +228,17 @@ pub async fn run(
     let (received, h) = first.unwrap_or((0, new_histogram()));
     publisher.delete().await;
     publisher.close().await;
-    match carrier {
-        Carrier::Direct => {}
-        Carrier::Stream => {
-            let _ = setup.queue_delete(QueueDeleteArguments::new(&log)).await;
+    // One channel per delete: a failed delete closes its channel.
+    let _ = setup.close().await;
+    for q in [&log].into_iter().chain(&replica_queues) {
+        if let Ok(ch) = conn.open_channel(None).await {
+            let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
+            let _ = ch.close().await;
         }
-        Carrier::Queues => {
-            for q in &replica_queues {
-                let _ = setup.queue_delete(QueueDeleteArguments::new(q)).await;
-            }
-            let _ = setup.exchange_delete(ExchangeDeleteArguments::new(&exchange)).await;
-        }
+    }
+    if let Ok(ch) = conn.open_channel(None).await {
+        let _ = ch.exchange_delete(ExchangeDeleteArguments::new(&exchange)).await;
+        let _ = ch.close().await;
     }
     let _ = conn.close().await;
     let broker_cores = broker0.zip(broker1).map(|(a, b)| (b - a) / wall);
@@ -267,6 +283,18 @@ async fn take(
     let idle = Duration::from_secs(5);
     while settled < n {
         let spaced = last_sent.elapsed() >= spacing;
+        if inflight.is_none() && in_batch > 0 && spaced && routing_key.is_empty() && exchange.is_empty() {
+            // The ingest leg alone: ack as if the record had been confirmed at once.
+            last_sent = Instant::now();
+            ch.basic_ack(BasicAckArguments::new(last_tag, true))
+                .await
+                .map_err(|e| format!("ack: {e}"))?;
+            published += 1;
+            settled += in_batch;
+            in_batch = 0;
+            batch.clear();
+            continue;
+        }
         if inflight.is_none() && in_batch > 0 && spaced {
             last_sent = Instant::now();
             let mut body = Vec::with_capacity(8 + batch.len());
