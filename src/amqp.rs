@@ -296,6 +296,13 @@ impl Consumer {
         let window_secs = cfg.history_window.as_secs();
         let mut rx = self.follower.subscribe(&ch, &cfg.log, window_secs).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
+        // The taker hands its notifications to this replica directly once it safely can.
+        let (routed_tx, mut routed_rx) = mpsc::unbounded_channel();
+        let (read_tx, read_rx) = watch::channel(record::Origin::default());
+        let local = ingest::Local {
+            routed: routed_tx,
+            read: read_rx,
+        };
         let taker = tokio::spawn(ingest::run(
             conn.clone(),
             cfg.clone(),
@@ -303,6 +310,7 @@ impl Consumer {
             self.metrics.clone(),
             stop_rx,
             lost_tx,
+            local,
         ));
 
         self.link.set(Some(publisher.clone()));
@@ -319,19 +327,26 @@ impl Consumer {
                 biased;
                 _ = shutdown.recv() => break SessionEnd::Shutdown,
                 why = lost_rx.recv() => break SessionEnd::Lost(why.unwrap_or_else(|| "ingest stopped".into())),
+                Some(routed) = routed_rx.recv() => {
+                    self.follower.local(routed, &self.history, &self.registry, &self.metrics).await;
+                }
                 msg = rx.recv() => {
                     let Some(msg) = msg else {
                         break SessionEnd::Lost("log consumer closed".into());
                     };
                     let tag = msg.deliver.as_ref().map(|d| d.delivery_tag());
                     let read = self.follower.read(msg, &self.history, &self.registry, &self.metrics, self.warm).await;
-                    if let Read::Marker(id) = read
-                        && Some(&id) == warm_marker.as_ref()
-                    {
-                        self.warm = true;
-                        self.metrics.history_warm.store(true, Ordering::Release);
-                        let stats = self.history.stats(log::unix_ms());
-                        info!(entries = stats.entries, ms = started.elapsed().as_millis() as u64, "recovery history filled from the fan-out log");
+                    match read {
+                        Read::Notifications(origin) => {
+                            let _ = read_tx.send(origin);
+                        }
+                        Read::Marker(id) if Some(&id) == warm_marker.as_ref() => {
+                            self.warm = true;
+                            self.metrics.history_warm.store(true, Ordering::Release);
+                            let stats = self.history.stats(log::unix_ms());
+                            info!(entries = stats.entries, ms = started.elapsed().as_millis() as u64, "recovery history filled from the fan-out log");
+                        }
+                        _ => {}
                     }
                     acks.after(&ch, tag, false).await?;
                 }
@@ -346,6 +361,12 @@ impl Consumer {
         self.link.set(None);
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), taker).await;
+        // What the taker handed over last (its copies in the log are skipped).
+        while let Ok(routed) = routed_rx.try_recv() {
+            self.follower
+                .local(routed, &self.history, &self.registry, &self.metrics)
+                .await;
+        }
         if let SessionEnd::Shutdown = end {
             // Deliver everything this replica took in before its users are told to go: a marker
             // appended after the taker stopped arrives after every record before it.

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
-use wsnotify::amqp::record::{self, Record, RecordBuilder};
+use wsnotify::amqp::record::{self, Origin, Record, RecordBuilder};
 use wsnotify::envelope::{Parser, Target};
 use wsnotify::notification::Notification;
 
@@ -192,8 +192,8 @@ fn check_with(
     let taken = Notification::from_envelope(env, body, false, taken_at());
     let mut record = RecordBuilder::default();
     record.push(&taken);
-    let n = match record::decode(record.finish().into()) {
-        Ok(Record::Notifications(mut list)) if list.len() == 1 => list.remove(0),
+    let n = match record::decode(record.finish(Origin { taker: 1, seq: 1 }).into()) {
+        Ok(Record::Notifications(_, mut list)) if list.len() == 1 => list.remove(0),
         other => return Err(fail(format!("the record did not round-trip: {other:?}"))),
     };
     if n != taken {

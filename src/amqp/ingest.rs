@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::confirm::{Confirm, ConfirmChannel};
-use super::record::RecordBuilder;
+use super::record::{Origin, RecordBuilder};
 use super::{CONFIRM_TIMEOUT, ConsumerConfig, ERROR_HEADER, RateLimited};
 use crate::envelope::Parser;
 use crate::metrics::Metrics;
@@ -56,7 +56,32 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 const RECORD_MAX_ENTRIES: usize = 1024;
 /// A record stops growing once it is this large (one notification may exceed it alone).
 const RECORD_MAX_BYTES: usize = 512 * 1024;
+/// Longest a new taker waits for this replica to read its first record back before it routes
+/// its notifications here directly (see [`Local`]); past it, they go the long way this term.
+const SWITCH_WAIT: Duration = Duration::from_secs(2);
 
+/// What the taker shares with its own replica's reader of the fan-out log.
+///
+/// The taker's own replica need not wait for a notification to come back from the broker: the
+/// taker routes it there at once (the log copy is then skipped by the reader, by its origin).
+/// That is safe only once the reader has read everything earlier takers appended, so a new
+/// taker first appends one record the usual way and waits until the reader has read it back;
+/// from the next record on, it routes locally ([`Routed::From`] tells the reader which of its
+/// records to skip). With one replica, every user gets notifications without the second broker
+/// hop; with several, the taker's users do.
+pub struct Local {
+    pub routed: mpsc::UnboundedSender<Routed>,
+    /// The origin of the last record the reader has read.
+    pub read: watch::Receiver<Origin>,
+}
+
+/// From the taker to its replica's reader.
+pub enum Routed {
+    /// This term's records from this one on carry notifications already handed over here.
+    From(Origin),
+    /// Notifications to record and route now, in this order.
+    Notifications(Vec<Notification>),
+}
 /// Takes the notify queue whenever this replica can, until `stop` turns true. Sends a
 /// description of the failure to `errors` when the broker link is unusable (the session then
 /// reconnects).
@@ -67,6 +92,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     errors: mpsc::Sender<String>,
+    local: Local,
 ) {
     let mut taker = Taker {
         cfg,
@@ -74,6 +100,7 @@ pub async fn run(
         metrics,
         parser: Parser::new(),
         log: RateLimited::default(),
+        local,
     };
     let mut announced_standby = false;
     loop {
@@ -107,6 +134,18 @@ struct Taker {
     metrics: Arc<Metrics>,
     parser: Parser,
     log: RateLimited,
+    local: Local,
+}
+
+/// How this term's notifications reach this replica's users.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Through the log, like everyone's.
+    Log,
+    /// Waiting for the reader to read record `seq` back (held notifications are kept).
+    Switching { seq: u64, since: Instant },
+    /// Handed to the reader at once.
+    Local,
 }
 
 impl Taker {
@@ -180,31 +219,68 @@ impl Taker {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let spacing = self.cfg.record_spacing;
+        let term = fastrand::u64(1..);
+        let mut seq = 0;
+        let mut route = Route::Log;
+        let mut tried_local = false;
         let mut batch = Batch::default();
         let mut inflight: Option<InFlight> = None;
         let mut consuming = true;
         let mut last_sent: Option<Instant> = None;
         loop {
-            // Nothing awaiting a confirm, and the last record left long enough ago (or never,
-            // or this replica is leaving): what has been validated leaves now.
+            if let Route::Switching { seq: first, since } = route {
+                let read = *self.local.read.borrow();
+                if read.taker == term && read.seq >= first {
+                    // Everything before this term has been read here: from now on, hand over.
+                    let from = Origin {
+                        taker: term,
+                        seq: seq + 1,
+                    };
+                    let _ = self.local.routed.send(Routed::From(from));
+                    let held = std::mem::take(&mut batch.held);
+                    let _ = self.local.routed.send(Routed::Notifications(held));
+                    route = Route::Local;
+                } else if since.elapsed() >= SWITCH_WAIT || !consuming {
+                    warn!(
+                        "this replica did not read the taker's first record back in time; its notifications go through the log this term"
+                    );
+                    batch.held.clear();
+                    route = Route::Log;
+                }
+            }
+            // Nothing awaiting a confirm, the last record left long enough ago (or never, or
+            // this replica is leaving), and no switch under way: what has been validated
+            // leaves now.
             let wait = last_sent.map_or(Duration::ZERO, |t| spacing.saturating_sub(t.elapsed()));
-            let due = wait.is_zero() || !consuming;
+            let due = (wait.is_zero() || !consuming) && !matches!(route, Route::Switching { .. });
             if inflight.is_none() && !batch.is_empty() && due {
                 last_sent = Some(Instant::now());
+                seq += 1;
+                let origin = Origin { taker: term, seq };
                 inflight = Some(
                     std::mem::take(&mut batch)
-                        .send(&self.publisher, &self.cfg)
+                        .send(&self.publisher, &self.cfg, origin)
                         .await?,
                 );
+                if route == Route::Log && !tried_local && consuming {
+                    tried_local = true;
+                    route = Route::Switching {
+                        seq,
+                        since: Instant::now(),
+                    };
+                }
             }
-            if !consuming && inflight.is_none() {
+            if !consuming && inflight.is_none() && batch.is_empty() {
                 return Ok(());
             }
             let full = batch.is_full();
             let holding = inflight.is_none() && !batch.is_empty();
+            let switching = matches!(route, Route::Switching { .. });
             tokio::select! {
                 biased;
-                _ = tokio::time::sleep(wait), if holding => {}
+                _ = tokio::time::sleep(wait), if holding && !switching => {}
+                _ = tokio::time::sleep(SWITCH_WAIT / 20), if switching => {}
+                _ = self.local.read.changed(), if switching => {}
                 settled = async {
                     match inflight.as_mut() {
                         Some(f) => f.await,
@@ -230,7 +306,7 @@ impl Taker {
                     let _ = ch.basic_cancel(BasicCancelArguments::new(tag)).await;
                 }
                 msg = rx.recv(), if consuming && !full => match msg {
-                    Some(msg) => self.add(&mut batch, msg).await?,
+                    Some(msg) => self.add(&mut batch, msg, route).await?,
                     None => return Err("ingest consumer closed".into()),
                 },
             }
@@ -239,7 +315,12 @@ impl Taker {
 
     /// Validates one delivery into the batch, or sends its original body to the dead-letter
     /// queue (settled with the batch).
-    async fn add(&mut self, batch: &mut Batch, msg: ConsumerMessage) -> Result<(), String> {
+    async fn add(
+        &mut self,
+        batch: &mut Batch,
+        msg: ConsumerMessage,
+        route: Route,
+    ) -> Result<(), String> {
         let Some(deliver) = msg.deliver else {
             return Err("delivery without method frame".into());
         };
@@ -254,6 +335,13 @@ impl Taker {
                     OffsetDateTime::now_utc(),
                 );
                 batch.record.push(&n);
+                match route {
+                    Route::Local => {
+                        let _ = self.local.routed.send(Routed::Notifications(vec![n]));
+                    }
+                    Route::Switching { .. } => batch.held.push(n),
+                    Route::Log => {}
+                }
             }
             Err(invalid) => {
                 let reason = invalid.to_string();
@@ -293,6 +381,8 @@ type InFlight = Pin<Box<dyn Future<Output = Result<Settled, String>> + Send>>;
 #[derive(Default)]
 struct Batch {
     record: RecordBuilder,
+    /// While switching to local routing: the notifications to hand over once it is safe.
+    held: Vec<Notification>,
     /// Dead-letter copies of the invalid deliveries among them.
     dead: Vec<Confirm>,
     /// Highest delivery tag among them.
@@ -314,6 +404,7 @@ impl Batch {
         self,
         publisher: &ConfirmChannel,
         cfg: &ConsumerConfig,
+        origin: Origin,
     ) -> Result<InFlight, String> {
         let ingested = self.record.len() as u64;
         let record = if self.record.is_empty() {
@@ -326,7 +417,7 @@ impl Batch {
             let mut args = BasicPublishArguments::new("", &cfg.log);
             args.mandatory(true);
             let confirm = publisher
-                .publish(props, self.record.finish(), args, CONFIRM_TIMEOUT)
+                .publish(props, self.record.finish(origin), args, CONFIRM_TIMEOUT)
                 .await
                 .map_err(|e| format!("append to the fan-out log: {e}"))?;
             Some(confirm)

@@ -21,7 +21,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::record::{self, Record};
+use super::ingest::Routed;
+use super::record::{self, Origin, Record};
 use crate::history::History;
 use crate::metrics::{Metrics, inc};
 use crate::notification::Notification;
@@ -31,20 +32,28 @@ use crate::registry::{Outcome, Registry};
 const PREFETCH: u16 = 64;
 /// Stream offset of each delivery (RabbitMQ sets it).
 const OFFSET_HEADER: &str = "x-stream-offset";
+/// How far before the requested offset a resumed subscription may start (it starts at the
+/// beginning of the chunk holding it); further back means a new log.
+const CHUNK_SLACK: i64 = 100_000;
 
 /// Where this replica is in the log, across broker sessions.
 pub struct Follower {
     /// Offset of the next record to read; `None` before the first subscription.
     next: Option<i64>,
     dedupe: Dedupe,
+    /// Records of this taker term from this one on were handed over by this replica's own
+    /// taker ([`super::ingest::Local`]): their notifications are here already.
+    local_from: Option<Origin>,
 }
 
 /// What one delivery was.
 pub enum Read {
-    /// Notifications, recorded (and routed when `route` was set).
-    Notifications,
+    /// A record of notifications, recorded (and routed when `route` was set) or skipped.
+    Notifications(Origin),
     /// A replica's marker (ours, if the id is one we wrote).
     Marker(String),
+    /// Nothing to act on (a record read before, or malformed).
+    Nothing,
 }
 
 impl Follower {
@@ -52,6 +61,23 @@ impl Follower {
         Follower {
             next: None,
             dedupe: Dedupe::new(dedupe_window),
+            local_from: None,
+        }
+    }
+
+    /// Takes what this replica's own taker handed over (see [`super::ingest::Local`]).
+    pub async fn local(
+        &mut self,
+        routed: Routed,
+        history: &History,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) {
+        match routed {
+            Routed::From(origin) => self.local_from = Some(origin),
+            Routed::Notifications(list) => {
+                self.deliver(list, history, registry, metrics, true).await;
+            }
         }
     }
 
@@ -105,7 +131,19 @@ impl Follower {
         if let Some(FieldValue::l(offset)) = offset {
             match self.next {
                 // Resuming may start at the beginning of a chunk: skip what was read.
-                Some(next) if offset < next => return Read::Notifications,
+                Some(next) if offset < next && next - offset <= CHUNK_SLACK => {
+                    return Read::Nothing;
+                }
+                Some(next) if offset < next => {
+                    // Far behind where this replica was: the log was deleted and declared
+                    // anew. Start over with it.
+                    warn!(
+                        expected = next,
+                        got = offset,
+                        "the fan-out log starts over; recovery history cleared"
+                    );
+                    history.clear();
+                }
                 Some(next) if offset > next => {
                     // Retention dropped records while this replica was away: it cannot vouch
                     // for anything before the gap.
@@ -121,14 +159,32 @@ impl Follower {
             self.next = Some(offset + 1);
         }
         let body = Bytes::from(msg.content.unwrap_or_default());
-        let list = match record::decode(body) {
-            Ok(Record::Notifications(list)) => list,
+        let (origin, list) = match record::decode(body) {
+            Ok(Record::Notifications(origin, list)) => (origin, list),
             Ok(Record::Marker(id)) => return Read::Marker(id),
             Err(why) => {
                 warn!(reason = %why, "skipping a malformed record in the fan-out log");
-                return Read::Notifications;
+                return Read::Nothing;
             }
         };
+        let handed_over = self
+            .local_from
+            .is_some_and(|l| origin.taker == l.taker && origin.seq >= l.seq);
+        if !handed_over {
+            self.deliver(list, history, registry, metrics, route).await;
+        }
+        Read::Notifications(origin)
+    }
+
+    /// Records notifications that are not copies in the history, and routes them if `route`.
+    async fn deliver(
+        &mut self,
+        list: Vec<Notification>,
+        history: &History,
+        registry: &Registry,
+        metrics: &Metrics,
+        route: bool,
+    ) {
         let fresh: Vec<Notification> = list
             .into_iter()
             .filter(|n| {
@@ -148,7 +204,6 @@ impl Follower {
                 }
             }
         }
-        Read::Notifications
     }
 }
 

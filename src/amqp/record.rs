@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! record  = version:u8 (1) kind:u8 body
-//! kind 0  = count:u32 entry*count                    notifications
+//! kind 0  = taker:u64 seq:u64 count:u32 entry*count  notifications, from taker term `taker`,
+//!                                                    its `seq`th record (from 1)
 //! kind 1  = len:u8 marker-id                         a replica's marker (start-up, shutdown)
 //! entry   = flags:u8 fingerprint:[u8;16] taken_ms:u64
 //!           id_len:u8 id head_len:u32 head tail_len:u32 tail
@@ -32,12 +33,20 @@ use crate::notification::Notification;
 pub const VERSION: u8 = 1;
 const KIND_NOTIFICATIONS: u8 = 0;
 const KIND_MARKER: u8 = 1;
-const HEADER: usize = 6;
+const HEADER: usize = 22;
+
+/// Which taker wrote a record: a random id per term of holding the notify queue, and the
+/// record's number in that term (from 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub taker: u64,
+    pub seq: u64,
+}
 
 /// What one record holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Record {
-    Notifications(Vec<Notification>),
+    Notifications(Origin, Vec<Notification>),
     /// A replica's own marker: when it reads it back, it has read everything before it.
     Marker(String),
 }
@@ -51,7 +60,8 @@ pub struct RecordBuilder {
 impl Default for RecordBuilder {
     fn default() -> Self {
         let mut buf = Vec::with_capacity(1024);
-        buf.extend_from_slice(&[VERSION, KIND_NOTIFICATIONS, 0, 0, 0, 0]);
+        buf.extend_from_slice(&[VERSION, KIND_NOTIFICATIONS]);
+        buf.resize(HEADER, 0);
         RecordBuilder { buf, count: 0 }
     }
 }
@@ -101,9 +111,11 @@ impl RecordBuilder {
         self.buf.len()
     }
 
-    /// The record's body.
-    pub fn finish(mut self) -> Vec<u8> {
-        self.buf[2..HEADER].copy_from_slice(&self.count.to_le_bytes());
+    /// The record's body, as the `origin.seq`th record of taker term `origin.taker`.
+    pub fn finish(mut self, origin: Origin) -> Vec<u8> {
+        self.buf[2..10].copy_from_slice(&origin.taker.to_le_bytes());
+        self.buf[10..18].copy_from_slice(&origin.seq.to_le_bytes());
+        self.buf[18..HEADER].copy_from_slice(&self.count.to_le_bytes());
         self.buf
     }
 }
@@ -127,6 +139,10 @@ pub fn decode(body: Bytes) -> Result<Record, String> {
     }
     match r.u8()? {
         KIND_NOTIFICATIONS => {
+            let origin = Origin {
+                taker: u64::from_le_bytes(r.array()?),
+                seq: u64::from_le_bytes(r.array()?),
+            };
             let count = r.u32()? as usize;
             // Each entry takes at least 35 bytes: a count beyond that is a lie.
             if count > r.body.len() / 35 {
@@ -139,7 +155,7 @@ pub fn decode(body: Bytes) -> Result<Record, String> {
             if r.at != r.body.len() {
                 return Err("trailing bytes after the last entry".into());
             }
-            Ok(Record::Notifications(out))
+            Ok(Record::Notifications(origin, out))
         }
         KIND_MARKER => {
             let len = usize::from(r.u8()?);
@@ -253,13 +269,17 @@ mod tests {
             n("b", Target::User("u\"1".into()), true),
             n("c", Target::Users(vec!["x".into(), "y".into()]), false),
         ];
+        let origin = Origin { taker: 7, seq: 3 };
         let mut b = RecordBuilder::default();
         for e in &entries {
             b.push(e);
         }
         assert_eq!(b.len(), 3);
-        let body = Bytes::from(b.finish());
-        assert_eq!(decode(body).unwrap(), Record::Notifications(entries));
+        let body = Bytes::from(b.finish(origin));
+        assert_eq!(
+            decode(body).unwrap(),
+            Record::Notifications(origin, entries)
+        );
         assert_eq!(
             decode(Bytes::from(marker("m-1"))).unwrap(),
             Record::Marker("m-1".into())
@@ -272,7 +292,9 @@ mod tests {
             (0..10_000).map(|i| format!("user-{i}").into()).collect();
         let mut b = RecordBuilder::default();
         b.push(&n("big", Target::Users(users.clone()), false));
-        let Record::Notifications(back) = decode(Bytes::from(b.finish())).unwrap() else {
+        let Record::Notifications(_, back) =
+            decode(Bytes::from(b.finish(Origin::default()))).unwrap()
+        else {
             panic!("not notifications")
         };
         assert_eq!(back[0].users().len(), 10_000);
@@ -282,7 +304,7 @@ mod tests {
     fn garbage_is_refused_without_panicking() {
         let mut b = RecordBuilder::default();
         b.push(&n("a", Target::Users(vec!["x".into()]), false));
-        let good = b.finish();
+        let good = b.finish(Origin { taker: 1, seq: 1 });
         for cut in 0..good.len() {
             assert!(
                 decode(Bytes::copy_from_slice(&good[..cut])).is_err(),
@@ -297,6 +319,9 @@ mod tests {
             let _ = decode(Bytes::from(bad));
         }
         assert!(decode(Bytes::from_static(&[2, 0, 0, 0, 0, 0])).is_err());
-        assert!(decode(Bytes::from_static(&[1, 0, 255, 255, 255, 255])).is_err());
+        let mut lie = vec![1, 0];
+        lie.extend_from_slice(&[0; 16]);
+        lie.extend_from_slice(&[255; 4]);
+        assert!(decode(Bytes::from(lie)).is_err());
     }
 }
