@@ -103,7 +103,7 @@ impl ConsumerConfig {
             dedupe_window: 65_536,
             prefetch: 256,
             max_message_bytes: 65_536,
-            record_spacing: Duration::from_millis(3),
+            record_spacing: Duration::from_millis(10),
         }
     }
 }

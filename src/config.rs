@@ -99,14 +99,15 @@ pub struct Config {
 
     /// Least time between two records the ingest taker appends to the fan-out log. Under
     /// load, notifications arriving sooner wait (at most this long) and leave together in one
-    /// record, which costs the broker far less than one each; after a quiet moment a
-    /// notification leaves at once. 0: the next record leaves as soon as the previous one is
-    /// confirmed.
+    /// record, which costs the broker far less than one each; after a quiet moment, or once a
+    /// record is full, they leave at once. The taker's own replica is served without waiting
+    /// either way; other replicas' users wait at most this long. 0: the next record leaves as
+    /// soon as the previous one is confirmed.
     #[arg(
         long,
         env = "RECORD_SPACING_MS",
         value_name = "RECORD_SPACING_MS",
-        default_value_t = 3
+        default_value_t = 10
     )]
     pub record_spacing_ms: u64,
 

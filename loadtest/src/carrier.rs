@@ -116,7 +116,12 @@ pub async fn run(
                 FieldValue::from("stream"),
             );
             setup
-                .queue_declare(QueueDeclareArguments::new(&log).durable(true).arguments(args).finish())
+                .queue_declare(
+                    QueueDeclareArguments::new(&log)
+                        .durable(true)
+                        .arguments(args)
+                        .finish(),
+                )
                 .await
                 .map_err(|e| format!("declare stream: {e}"))?;
         }
@@ -152,7 +157,11 @@ pub async fn run(
             Carrier::Stream => log.clone(),
             Carrier::Queues => q.clone(),
         };
-        let prefetch = if carrier == Carrier::Direct { PREFETCH } else { REPLICA_PREFETCH };
+        let prefetch = if carrier == Carrier::Direct {
+            PREFETCH
+        } else {
+            REPLICA_PREFETCH
+        };
         ch.basic_qos(BasicQosArguments::new(0, prefetch, false))
             .await
             .map_err(|e| format!("qos: {e}"))?;
@@ -189,7 +198,11 @@ pub async fn run(
                 .await
                 .map_err(|e| format!("qos: {e}"))?;
             let (_, rx) = ch
-                .basic_consume_rx(BasicConsumeArguments::new(&base, "taker").manual_ack(true).finish())
+                .basic_consume_rx(
+                    BasicConsumeArguments::new(&base, "taker")
+                        .manual_ack(true)
+                        .finish(),
+                )
                 .await
                 .map_err(|e| format!("consume: {e}"))?;
             let target = match carrier {
@@ -237,7 +250,9 @@ pub async fn run(
         }
     }
     if let Ok(ch) = conn.open_channel(None).await {
-        let _ = ch.exchange_delete(ExchangeDeleteArguments::new(&exchange)).await;
+        let _ = ch
+            .exchange_delete(ExchangeDeleteArguments::new(&exchange))
+            .await;
         let _ = ch.close().await;
     }
     let _ = conn.close().await;
@@ -283,7 +298,12 @@ async fn take(
     let idle = Duration::from_secs(5);
     while settled < n {
         let spaced = last_sent.elapsed() >= spacing;
-        if inflight.is_none() && in_batch > 0 && spaced && routing_key.is_empty() && exchange.is_empty() {
+        if inflight.is_none()
+            && in_batch > 0
+            && spaced
+            && routing_key.is_empty()
+            && exchange.is_empty()
+        {
             // The ingest leg alone: ack as if the record had been confirmed at once.
             last_sent = Instant::now();
             ch.basic_ack(BasicAckArguments::new(last_tag, true))
@@ -301,9 +321,13 @@ async fn take(
             body.extend_from_slice(&in_batch.to_le_bytes());
             body.append(&mut batch);
             let props = BasicProperties::default().with_persistence(true).finish();
-            ch.basic_publish(props, body, BasicPublishArguments::new(&exchange, &routing_key))
-                .await
-                .map_err(|e| format!("publish record: {e}"))?;
+            ch.basic_publish(
+                props,
+                body,
+                BasicPublishArguments::new(&exchange, &routing_key),
+            )
+            .await
+            .map_err(|e| format!("publish record: {e}"))?;
             published += 1;
             inflight = Some((published, last_tag));
             settled += in_batch;
@@ -373,9 +397,9 @@ async fn read(
                 got += 1;
             }
             _ => {
-                let count = body.get(..8).map_or(0, |b| {
-                    u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
-                });
+                let count = body
+                    .get(..8)
+                    .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
                 let mut at = 8;
                 for _ in 0..count {
                     let Some(t) = body.get(at..at + 8) else { break };

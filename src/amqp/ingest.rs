@@ -252,7 +252,10 @@ impl Taker {
             // this replica is leaving), and no switch under way: what has been validated
             // leaves now.
             let wait = last_sent.map_or(Duration::ZERO, |t| spacing.saturating_sub(t.elapsed()));
-            let due = (wait.is_zero() || !consuming) && !matches!(route, Route::Switching { .. });
+            // A full record does not wait: spacing only gathers, it never caps throughput.
+            let full = batch.is_full(self.cfg.prefetch);
+            let due = (wait.is_zero() || full || !consuming)
+                && !matches!(route, Route::Switching { .. });
             if inflight.is_none() && !batch.is_empty() && due {
                 last_sent = Some(Instant::now());
                 seq += 1;
@@ -273,7 +276,7 @@ impl Taker {
             if !consuming && inflight.is_none() && batch.is_empty() {
                 return Ok(());
             }
-            let full = batch.is_full();
+            let full = batch.is_full(self.cfg.prefetch);
             let holding = inflight.is_none() && !batch.is_empty();
             let switching = matches!(route, Route::Switching { .. });
             tokio::select! {
@@ -394,8 +397,11 @@ impl Batch {
         self.record.is_empty() && self.dead.is_empty()
     }
 
-    fn is_full(&self) -> bool {
-        self.record.len() >= RECORD_MAX_ENTRIES || self.record.bytes() >= RECORD_MAX_BYTES
+    /// As large as a record gets: at most half the deliveries the broker lets the taker hold
+    /// (the other half fills the next record while this one awaits its confirm).
+    fn is_full(&self, prefetch: u16) -> bool {
+        let entries = RECORD_MAX_ENTRIES.min(usize::from(prefetch / 2)).max(1);
+        self.record.len() >= entries || self.record.bytes() >= RECORD_MAX_BYTES
     }
 
     /// Publishes the record (mandatory: if the log is gone, that is an error, not a silent
