@@ -58,8 +58,11 @@ async fn quorum_queue_survives_its_leader_killed() {
     Broker::connect().await;
 }
 
+/// A frame as a client saw it: its `data.seq`, and when it arrived (unix µs).
+type Got = Result<(u64, u64), String>;
+
 /// Reads `data.seq` of every frame in the background; a close fails the client.
-fn seqs_of(mut ws: Ws) -> UnboundedReceiver<Result<u64, String>> {
+fn seqs_of(mut ws: Ws) -> UnboundedReceiver<Got> {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -68,7 +71,10 @@ fn seqs_of(mut ws: Ws) -> UnboundedReceiver<Result<u64, String>> {
             match m {
                 Ok(Message::Text(t)) => {
                     let v: serde_json::Value = serde_json::from_str(&t).expect("JSON frame");
-                    let _ = tx.send(Ok(v["data"]["seq"].as_u64().expect("seq")));
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_micros() as u64);
+                    let _ = tx.send(Ok((v["data"]["seq"].as_u64().expect("seq"), at)));
                 }
                 Ok(Message::Close(c)) => {
                     let _ = tx.send(Err(format!("closed: {c:?}")));
@@ -135,8 +141,8 @@ async fn confirmed_stream(
     progress.store(seq, Ordering::Relaxed);
 }
 
-/// Collects a user's seqs until it has as many as `want` (or a bound passes).
-async fn collect_all(mut rx: UnboundedReceiver<Result<u64, String>>, want: usize) -> Vec<u64> {
+/// Collects a user's frames until it has as many as `want` (or a bound passes).
+async fn collect_all(mut rx: UnboundedReceiver<Got>, want: usize) -> Vec<(u64, u64)> {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(60), async {
         while got.len() < want {
@@ -267,9 +273,12 @@ async fn quorum_notify_queue_and_a_lost_node_keep_every_user_whole_and_in_order(
         .expect("the publisher finishes")
         .expect("publisher task");
 
+    let mut arrivals = Vec::new();
     for (u, rx) in readers.into_iter().enumerate() {
         let want: Vec<u64> = (0..total).filter(|s| s % USERS == u as u64).collect();
-        let got = collect_all(rx, want.len()).await;
+        let frames = collect_all(rx, want.len()).await;
+        arrivals.extend(frames.iter().map(|&(_, at)| at));
+        let got: Vec<u64> = frames.iter().map(|&(s, _)| s).collect();
         if got != want {
             for (i, g) in gws.iter().enumerate() {
                 eprintln!("---- replica {i}:\n{}", g.log_text());
@@ -296,6 +305,23 @@ async fn quorum_notify_queue_and_a_lost_node_keep_every_user_whole_and_in_order(
             "user{u}: every confirmed notification, once, in order"
         );
     }
+    // The gap the node loss left: the longest time no client received anything, after the
+    // kill (the publisher kept publishing through a surviving node throughout).
+    let kill_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+        .saturating_sub(killed_at.elapsed().as_micros() as u64);
+    arrivals.sort_unstable();
+    let gap = arrivals
+        .windows(2)
+        .filter(|w| w[1] >= kill_us)
+        .map(|w| w[1] - w[0].max(kill_us))
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "node loss: longest time without a delivery after the kill {:.2} s (ready again after {ready_again:?})",
+        gap as f64 / 1e6
+    );
     let moved = node_of(&gws[taker], &c);
     assert_ne!(
         moved, victim,

@@ -214,9 +214,10 @@ struct SuiteOpts {
     /// Publish persistent messages (delivery mode 2).
     #[arg(long)]
     persistent: bool,
-    /// RabbitMQ's process id, for its CPU share (default: the `beam.smp` process, if any).
-    #[arg(long)]
-    broker_pid: Option<u32>,
+    /// RabbitMQ's process id, for its CPU share (default: the `beam.smp` process, if any);
+    /// comma-separated for the nodes of a cluster, whose CPU is summed.
+    #[arg(long, value_delimiter = ',')]
+    broker_pid: Vec<u32>,
     /// Print the results as JSON on stdout (tables go to stderr).
     #[arg(long)]
     json: bool,
@@ -249,9 +250,13 @@ impl SuiteOpts {
             queue,
             pids,
             via,
-            broker_pid: self
-                .broker_pid
-                .or_else(|| loadtest::procstat::find_by_name("beam.smp")),
+            broker_pids: if self.broker_pid.is_empty() {
+                loadtest::procstat::find_by_name("beam.smp")
+                    .into_iter()
+                    .collect()
+            } else {
+                self.broker_pid.clone()
+            },
             connections: self.connections,
             procs: self.procs,
             src_base: self.src_base,

@@ -88,7 +88,7 @@ pub struct SuiteConfig {
     /// How notifications reach the server.
     pub via: Via,
     /// Broker process (RabbitMQ's `beam.smp`), for its CPU share.
-    pub broker_pid: Option<u32>,
+    pub broker_pids: Vec<u32>,
     pub connections: usize,
     pub procs: usize,
     /// Worker `i` binds source address `src_base + i`.
@@ -696,7 +696,7 @@ impl Suite {
         let gw0 = self.gateway_hist().await;
         let each0 = self.cpu_each();
         let cpu0 = self.cpu();
-        let broker0 = self.cfg.broker_pid.and_then(cpu_secs);
+        let broker0 = sum_each(&self.cfg.broker_pids, cpu_secs);
         let machine0 = crate::procstat::machine_busy_secs();
         let open = self.open_now().max(0) as u64;
         let failed0 = publisher.failed();
@@ -747,7 +747,7 @@ impl Suite {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let cpu1 = self.cpu();
         let each1 = self.cpu_each();
-        let broker1 = self.cfg.broker_pid.and_then(cpu_secs);
+        let broker1 = sum_each(&self.cfg.broker_pids, cpu_secs);
         let machine1 = crate::procstat::machine_busy_secs();
         let wall = started.elapsed().as_secs_f64();
         let gw1 = self.gateway_hist().await;
