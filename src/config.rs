@@ -417,10 +417,24 @@ impl Config {
         Ok(())
     }
 
-    /// `MAX_CONNECTIONS`, or what the open-file limit allows.
+    /// `MAX_CONNECTIONS`, or what the open-file limit allows. Raises the soft open-file limit
+    /// to the hard one either way (every connection is a descriptor), and warns when
+    /// `MAX_CONNECTIONS` is more than the limit can hold.
     pub fn effective_max_connections(&self) -> usize {
-        self.max_connections
-            .unwrap_or_else(|| open_file_limit().saturating_sub(FD_RESERVE).max(1))
+        let fit = open_file_limit().saturating_sub(FD_RESERVE).max(1);
+        match self.max_connections {
+            None => fit,
+            Some(n) => {
+                if n > fit {
+                    tracing::warn!(
+                        max_connections = n,
+                        open_file_limit = fit + FD_RESERVE,
+                        "MAX_CONNECTIONS is above what the open-file limit allows: past about {fit} connections, new ones will be refused with 503 (raise the hard nofile limit)"
+                    );
+                }
+                n
+            }
+        }
     }
 
     pub fn handshake_timeout(&self) -> Duration {
