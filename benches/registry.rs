@@ -61,8 +61,11 @@ impl Setup {
     fn drain(&self) -> usize {
         self.handles
             .iter()
-            .filter_map(|h| h.take_frames())
-            .map(|(frames, _)| frames.len())
+            .filter_map(|h| h.take_frames().map(|t| (h, t)))
+            .map(|(h, t)| {
+                self.registry.release(h, t.charge);
+                t.frames.len()
+            })
             .sum()
     }
 }

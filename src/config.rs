@@ -162,6 +162,15 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// Most connections one user may hold at once; the next upgrade gets 429. 0: no limit.
+    #[arg(
+        long,
+        env = "MAX_CONNECTIONS_PER_USER",
+        value_name = "MAX_CONNECTIONS_PER_USER",
+        default_value_t = 64
+    )]
+    pub max_connections_per_user: usize,
+
     /// Largest broker message body accepted; larger ones are dead-lettered.
     #[arg(
         long,
@@ -176,9 +185,20 @@ pub struct Config {
         long,
         env = "CLIENT_QUEUE_BYTES",
         value_name = "CLIENT_QUEUE_BYTES",
-        default_value_t = 262_144
+        default_value_t = 1_048_576
     )]
     pub client_queue_bytes: usize,
+
+    /// Memory all client queues may hold together; beyond it, the clients with the most
+    /// bytes queued are closed with 1013 first. Broadcast frames are shared: each queued copy
+    /// counts 32 bytes; a frame for one user counts its length.
+    #[arg(
+        long,
+        env = "CLIENT_QUEUE_BUDGET_BYTES",
+        value_name = "CLIENT_QUEUE_BUDGET_BYTES",
+        default_value_t = 134_217_728
+    )]
+    pub client_queue_budget_bytes: usize,
 
     /// Largest message a client may send; larger ones close the socket with 1009.
     #[arg(
@@ -225,6 +245,16 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub ping_interval_ms: u64,
+
+    /// Time a client has to answer the gateway's close frame (1013, 1008, 1001, protocol
+    /// errors) before its TCP connection is reset and its memory freed.
+    #[arg(
+        long,
+        env = "CLOSE_TIMEOUT_MS",
+        value_name = "CLOSE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub close_timeout_ms: u64,
 
     /// Longest a graceful shutdown (SIGTERM) waits for sockets to close before exiting.
     #[arg(
@@ -372,6 +402,19 @@ impl Config {
                 "must be at least MAX_MESSAGE_BYTES + 1024, or the largest message could never be sent",
             ));
         }
+        // A connection's charge is kept in 32 bits (registry::Mailbox).
+        if self.client_queue_bytes > 1 << 30 {
+            return Err(ConfigError::new(
+                "CLIENT_QUEUE_BYTES",
+                "must be at most 1073741824",
+            ));
+        }
+        if self.client_queue_budget_bytes < self.client_queue_bytes {
+            return Err(ConfigError::new(
+                "CLIENT_QUEUE_BUDGET_BYTES",
+                "must be at least CLIENT_QUEUE_BYTES",
+            ));
+        }
         if !(128..=1 << 20).contains(&self.read_buffer_bytes) {
             return Err(ConfigError::new(
                 "READ_BUFFER_BYTES",
@@ -395,6 +438,9 @@ impl Config {
         }
         if self.ping_interval_ms < 100 {
             return Err(ConfigError::new("PING_INTERVAL_MS", "must be at least 100"));
+        }
+        if self.close_timeout_ms < 100 {
+            return Err(ConfigError::new("CLOSE_TIMEOUT_MS", "must be at least 100"));
         }
         if self.max_connections == Some(0) {
             return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));
@@ -435,6 +481,10 @@ impl Config {
                 n
             }
         }
+    }
+
+    pub fn close_timeout(&self) -> Duration {
+        Duration::from_millis(self.close_timeout_ms)
     }
 
     pub fn handshake_timeout(&self) -> Duration {

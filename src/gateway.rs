@@ -22,7 +22,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::conn::ws_config;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Limits, Registry};
 use crate::server::{self, Listener, Shared};
 use crate::shutdown::{self, Tracker};
 
@@ -64,7 +64,11 @@ impl Gateway {
             .await
             .map_err(|e| StartError::Bind(addr, e))?;
         let metrics = Arc::new(Metrics::default());
-        let registry = Registry::start(config.client_queue_bytes);
+        let registry = Registry::start_with(Limits {
+            client_queue: config.client_queue_bytes,
+            budget: config.client_queue_budget_bytes,
+            per_user: config.max_connections_per_user,
+        });
         let link = Arc::new(Link::default());
         let publish_api = config.publish_api_key.clone().map(|key| PublishApi {
             key,
@@ -87,6 +91,7 @@ impl Gateway {
             max_connections: config.effective_max_connections(),
             max_header_bytes: config.max_header_bytes,
             handshake_timeout: config.handshake_timeout(),
+            close_timeout: config.close_timeout(),
             accepting: AtomicBool::new(true),
             publish_api,
             standalone: config.amqp_url.is_none(),

@@ -13,18 +13,29 @@
 //! mailboxes itself, under the lock it takes anyway to find the user; otherwise it joins the
 //! shard's queue behind what is there. Either way a user's frames reach its mailboxes in the
 //! order they were routed.
+//!
+//! Memory held for clients that read slowly is bounded twice: per connection by
+//! `CLIENT_QUEUE_BYTES` (the connection is closed with 1013 when its queue would go over), and
+//! for all connections together by `CLIENT_QUEUE_BUDGET_BYTES`: when the budget runs out, a
+//! task woken for it closes the connections holding the most first (see
+//! [`Registry::cut_largest`]). The budget counts memory, not bytes sent: a broadcast frame is
+//! one allocation shared by every recipient, so each queued copy costs one queue slot
+//! ([`SLOT_BYTES`]); a frame for one user costs its length as well ([`Sharing`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicIsize, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use slab::Slab;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::warn;
 
 use crate::envelope::Target;
 use crate::frame::{Frame, FrameBuilder};
@@ -33,11 +44,21 @@ use crate::shutdown::Shutdown;
 /// Shard count: a power of two well above the core count, so connect/disconnect and fan-out
 /// rarely meet on one lock.
 pub const SHARDS: usize = 64;
+/// `Handle::queued` of a connection that is closing: above any `CLIENT_QUEUE_BYTES`, so every
+/// push is refused without a word (its close frame is queued; nothing may follow it).
+const CLOSED: u32 = 1 << 31;
 /// Deliveries buffered per shard before the consumer waits (backpressure to the broker).
 const SHARD_QUEUE: usize = 1024;
 /// Deliveries a shard task handles per lock acquisition.
 const SHARD_BATCH: usize = 64;
 const NIL: u32 = u32::MAX;
+/// What one queued frame costs the budget besides its bytes: its slot in a queue.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Bytes>();
+/// Least time between two scans for the largest queues once the budget has run out: the
+/// connections told to close need a moment to drop their queues, and a scan locks every shard.
+const BUDGET_RECHECK: Duration = Duration::from_millis(50);
+/// Most warnings about the exhausted budget per period.
+const BUDGET_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Signals from the registry to a connection's task (bits of [`Handle::signals`]).
 pub mod signal {
@@ -51,6 +72,9 @@ pub mod signal {
     pub const DEAD: u8 = 8;
     /// The token's `exp` has passed: close with 1008.
     pub const EXPIRED: u8 = 16;
+    /// The global queue budget ran out and this connection holds one of the largest queues:
+    /// close with 1013.
+    pub const BUDGET: u8 = 32;
 }
 
 /// The part of a connection the rest of the gateway can reach: its mailbox and its waker.
@@ -60,8 +84,13 @@ pub mod signal {
 #[derive(Debug)]
 pub struct Handle {
     mailbox: Mutex<Mailbox>,
-    /// Bytes pushed and not yet written to the socket (mailbox + the connection's own queue).
-    queued: AtomicUsize,
+    /// Bytes pushed and not yet written to the socket (mailbox + the connection's own queue),
+    /// held to `CLIENT_QUEUE_BYTES` (at most 1 GiB, so 32 bits hold it and a frame on top).
+    queued: AtomicU32,
+    /// What those frames cost the queue budget ([`Sharing`]): ranks connections when the
+    /// budget runs out. The two counters take the room of one `usize`, so the handle stays
+    /// 96 bytes.
+    charged: AtomicU32,
     waker: AtomicWaker,
     signals: AtomicU8,
     /// Keepalive clock tick at which the peer was last heard from.
@@ -76,13 +105,49 @@ pub struct Handle {
 struct Mailbox {
     frames: VecDeque<Bytes>,
     since: u32,
+    /// What `frames` cost the queue budget (fits in what would be padding: the handle stays
+    /// 96 bytes). At most `CLIENT_QUEUE_BYTES` plus a slot per frame, so a `u32` holds it
+    /// (the configuration caps `CLIENT_QUEUE_BYTES` at 1 GiB).
+    charge: u32,
+}
+
+/// Frames taken from a mailbox by [`Handle::take_frames`].
+#[derive(Debug)]
+pub struct Taken {
+    pub frames: VecDeque<Bytes>,
+    /// When the oldest of them entered routing ([`Registry::clock`]).
+    pub born: u32,
+    /// What they cost the queue budget: the taker gives it back ([`Registry::release`]) as
+    /// they are written or dropped.
+    pub charge: usize,
+}
+
+/// Whether a frame's memory is shared by every connection it is queued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// A broadcast: one allocation for all recipients; a queued copy costs a slot.
+    Shared,
+    /// One user's frame: costs its length as well (counted for each of the user's
+    /// connections, which overstates it when the user has several).
+    Own,
+}
+
+impl Sharing {
+    /// What queuing a frame of `len` bytes costs the budget.
+    fn charge(self, len: usize) -> usize {
+        match self {
+            Sharing::Shared => SLOT_BYTES,
+            Sharing::Own => SLOT_BYTES + len,
+        }
+    }
 }
 
 impl Handle {
     pub fn new(expires_at: Option<u64>) -> Self {
         Self {
             mailbox: Mutex::new(Mailbox::default()),
-            queued: AtomicUsize::new(0),
+            queued: AtomicU32::new(0),
+            charged: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             signals: AtomicU8::new(0),
             last_seen: AtomicU32::new(0),
@@ -92,14 +157,22 @@ impl Handle {
 
     /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
     /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
-    /// the frame is dropped for it alone.
-    fn push(&self, frame: &Bytes, born: u32, limit: usize) {
+    /// the frame is dropped for it alone. Returns what the frame costs the queue budget (0 if
+    /// dropped), for the caller to add to [`Registry::charge`] once per batch.
+    fn push(&self, frame: &Bytes, born: u32, limit: usize, sharing: Sharing) -> usize {
         let len = frame.len();
-        if self.queued.fetch_add(len, Ordering::AcqRel) + len > limit {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-            self.signal(signal::OVERFLOW);
-            return;
+        let len32 = len as u32;
+        let before = self.queued.fetch_add(len32, Ordering::AcqRel);
+        if before as usize + len > limit {
+            self.queued.fetch_sub(len32, Ordering::AcqRel);
+            if before < CLOSED {
+                self.signal(signal::OVERFLOW);
+            }
+            return 0;
         }
+        let charge = sharing.charge(len);
+        // Before the frame is visible to the connection, which gives the charge back.
+        self.charged.fetch_add(charge as u32, Ordering::Relaxed);
         let was_empty = {
             let mut mb = self.mailbox.lock();
             let was_empty = mb.frames.is_empty();
@@ -107,13 +180,16 @@ impl Handle {
                 mb.since = born;
             }
             mb.frames.push_back(frame.clone());
+            mb.charge = mb.charge.saturating_add(charge as u32);
             was_empty
         };
-        // The task takes the whole mailbox each time it runs, so only the first frame after
-        // that needs to wake it: a burst costs one wake-up, not one per frame.
+        // The task takes the whole mailbox whenever its socket has taken everything before,
+        // so only the first frame after that needs to wake it: a burst costs one wake-up, not
+        // one per frame, and a client that stopped reading costs none.
         if was_empty {
             self.waker.wake();
         }
+        charge
     }
 
     pub fn signal(&self, bits: u8) {
@@ -130,26 +206,33 @@ impl Handle {
         self.waker.register(waker);
     }
 
-    /// Takes every queued frame (the queue itself, no copying), with when the oldest of them
-    /// entered routing ([`Registry::clock`]); `None` if there are none.
-    pub fn take_frames(&self) -> Option<(VecDeque<Bytes>, u32)> {
+    /// Takes every queued frame (the queue itself, no copying); `None` if there are none.
+    pub fn take_frames(&self) -> Option<Taken> {
         let mut mb = self.mailbox.lock();
         if mb.frames.is_empty() {
             return None;
         }
-        Some((std::mem::take(&mut mb.frames), mb.since))
+        Some(Taken {
+            frames: std::mem::take(&mut mb.frames),
+            born: mb.since,
+            charge: std::mem::take(&mut mb.charge) as usize,
+        })
     }
 
-    /// Drops everything queued (slow consumer being closed).
-    pub fn discard_queued(&self, out: &mut VecDeque<Bytes>) {
-        self.mailbox.lock().frames = VecDeque::new();
-        *out = VecDeque::new();
-        self.queued.store(0, Ordering::Release);
+    /// The connection is closing: drops everything in the mailbox, and refuses every frame
+    /// from now on (they could not follow its close frame, and they would count against the
+    /// budget while the peer takes its time to answer). Returns the dropped frames' charge
+    /// for [`Registry::release`].
+    pub fn discard_queued(&self) -> usize {
+        self.queued.store(CLOSED, Ordering::Release);
+        let mut mb = self.mailbox.lock();
+        mb.frames = VecDeque::new();
+        std::mem::take(&mut mb.charge) as usize
     }
 
     /// Records `bytes` as written to the socket.
     pub fn written(&self, bytes: usize) {
-        self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        self.queued.fetch_sub(bytes as u32, Ordering::AcqRel);
     }
 
     pub fn seen(&self, tick: u32) {
@@ -238,6 +321,27 @@ pub struct Registry {
     /// Keepalive clock: one tick per ping interval.
     tick: AtomicU32,
     queue_limit: usize,
+    /// What all client queues cost together ([`Sharing`]); briefly below zero when a frame is
+    /// written before its batch is charged.
+    queued_bytes: AtomicIsize,
+    /// `CLIENT_QUEUE_BUDGET_BYTES`.
+    budget: isize,
+    /// Wakes [`enforce_budget`] when `queued_bytes` goes over `budget`.
+    over_budget: Notify,
+    /// `MAX_CONNECTIONS_PER_USER` (0: no limit).
+    per_user: usize,
+}
+
+/// The bounds a [`Registry`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `CLIENT_QUEUE_BYTES`: bytes queued for one connection before it is closed with 1013.
+    pub client_queue: usize,
+    /// `CLIENT_QUEUE_BUDGET_BYTES`: what all client queues may cost together before the
+    /// connections with the largest are closed with 1013.
+    pub budget: usize,
+    /// `MAX_CONNECTIONS_PER_USER`: connections one user may hold (0: no limit).
+    pub per_user: usize,
 }
 
 /// What became of a routed message.
@@ -251,12 +355,27 @@ pub enum Outcome {
 
 /// Why a connection could not be registered.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Closing;
+pub enum Refused {
+    /// Shutdown has begun.
+    Closing,
+    /// The user already holds `MAX_CONNECTIONS_PER_USER` connections.
+    UserLimit,
+}
 
 impl Registry {
-    /// Builds the registry and starts one dispatch task per shard. Must run inside a tokio
-    /// runtime.
+    /// A registry with only a per-connection queue limit (no budget, no per-user limit), for
+    /// tests and benches. Must run inside a tokio runtime.
     pub fn start(queue_limit: usize) -> Arc<Registry> {
+        Registry::start_with(Limits {
+            client_queue: queue_limit,
+            budget: usize::MAX,
+            per_user: 0,
+        })
+    }
+
+    /// Builds the registry and starts one dispatch task per shard, and the task that enforces
+    /// the queue budget. Must run inside a tokio runtime.
+    pub fn start_with(limits: Limits) -> Arc<Registry> {
         let mut shards = Vec::with_capacity(SHARDS);
         let mut receivers = Vec::with_capacity(SHARDS);
         for _ in 0..SHARDS {
@@ -277,11 +396,16 @@ impl Registry {
             users: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             tick: AtomicU32::new(0),
-            queue_limit,
+            queue_limit: limits.client_queue,
+            queued_bytes: AtomicIsize::new(0),
+            budget: isize::try_from(limits.budget).unwrap_or(isize::MAX),
+            over_budget: Notify::new(),
+            per_user: limits.per_user,
         });
         for (i, rx) in receivers.into_iter().enumerate() {
             tokio::spawn(dispatch(registry.clone(), i, rx));
         }
+        tokio::spawn(enforce_budget(registry.clone()));
         registry
     }
 
@@ -295,6 +419,63 @@ impl Registry {
 
     pub fn users(&self) -> usize {
         self.users.load(Ordering::Relaxed)
+    }
+
+    /// What all client queues cost the budget now (see [`Sharing`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Adds what frames just queued cost; wakes the budget's enforcer if it ran out.
+    fn charge(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let bytes = bytes as isize;
+        if self.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > self.budget {
+            self.over_budget.notify_one();
+        }
+    }
+
+    /// Gives back the charge of `handle`'s frames written to its socket or dropped
+    /// ([`Taken::charge`], [`Handle::discard_queued`]).
+    pub fn release(&self, handle: &Handle, bytes: usize) {
+        if bytes > 0 {
+            handle.charged.fetch_sub(bytes as u32, Ordering::Relaxed);
+            self.queued_bytes
+                .fetch_sub(bytes as isize, Ordering::AcqRel);
+        }
+    }
+
+    /// When the budget has run out, tells the connections whose queues cost the most to close
+    /// with 1013, largest first, until what they hold would bring the total down to 7/8 of
+    /// the budget (so that one cut is not followed at once by the next). Returns how many
+    /// were told.
+    pub fn cut_largest(&self) -> usize {
+        let used = self.queued_bytes.load(Ordering::Acquire);
+        if used <= self.budget {
+            return 0;
+        }
+        let target = (used - self.budget + self.budget / 8) as usize;
+        let mut holders: Vec<(usize, Arc<Handle>)> = Vec::new();
+        self.for_each(|e| {
+            let c = e.handle.charged.load(Ordering::Relaxed) as usize;
+            if c > 0 {
+                holders.push((c, e.handle.clone()));
+            }
+        });
+        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        let mut freed = 0;
+        let mut cut = 0;
+        for (charge, h) in holders {
+            if freed >= target {
+                break;
+            }
+            h.signal(signal::BUDGET);
+            freed += charge;
+            cut += 1;
+        }
+        cut
     }
 
     /// Current keepalive tick.
@@ -355,15 +536,27 @@ impl Registry {
     }
 
     /// Adds a connection for `user`. Refused once shutdown has begun, so a handshake that
-    /// finishes during shutdown cannot slip past [`Registry::close_all`].
-    pub fn register(&self, user: Arc<str>, handle: Arc<Handle>) -> Result<ConnKey, Closing> {
+    /// finishes during shutdown cannot slip past [`Registry::close_all`], and when the user
+    /// already holds `MAX_CONNECTIONS_PER_USER` connections.
+    pub fn register(&self, user: Arc<str>, handle: Arc<Handle>) -> Result<ConnKey, Refused> {
         let shard_idx = self.shard_of(&user);
         let mut st = self.shards[shard_idx].state.lock();
         if self.closing.load(Ordering::Acquire) {
-            return Err(Closing);
+            return Err(Refused::Closing);
+        }
+        let head = st.users.get(&*user).copied();
+        if self.per_user > 0 {
+            // Walks at most `per_user` entries of the user's list.
+            let (mut held, mut key) = (0, head.unwrap_or(NIL));
+            while key != NIL {
+                held += 1;
+                if held >= self.per_user {
+                    return Err(Refused::UserLimit);
+                }
+                key = st.conns[key as usize].next;
+            }
         }
         handle.seen(self.tick());
-        let head = st.users.get(&*user).copied();
         let key = st.conns.insert(Entry {
             handle,
             user: user.clone(),
@@ -397,6 +590,8 @@ impl Registry {
         let Some(entry) = st.conns.try_remove(at.key as usize) else {
             return;
         };
+        // Nothing is pushed to it any more: give back what its mailbox still holds.
+        self.release(&entry.handle, entry.handle.discard_queued());
         if entry.prev != NIL {
             st.conns[entry.prev as usize].next = entry.next;
         }
@@ -464,7 +659,9 @@ impl Registry {
             };
             let frame = msg.build(Some(user));
             if shard.queued.load(Ordering::Acquire) == 0 {
-                self.push_to_user(&st, head, frame.wire(), born);
+                let charge = self.push_to_user(&st, head, frame.wire(), born);
+                drop(st);
+                self.charge(charge);
                 return true;
             }
             frame
@@ -478,14 +675,17 @@ impl Registry {
         true
     }
 
-    /// Pushes `frame` to every connection in the user list starting at `head`.
-    fn push_to_user(&self, st: &ShardState, head: u32, frame: &Bytes, born: u32) {
+    /// Pushes `frame` to every connection in the user list starting at `head`; returns what
+    /// that costs the budget.
+    fn push_to_user(&self, st: &ShardState, head: u32, frame: &Bytes, born: u32) -> usize {
         let mut key = head;
+        let mut charge = 0;
         while key != NIL {
             let e = &st.conns[key as usize];
-            e.handle.push(frame, born, self.queue_limit);
+            charge += e.handle.push(frame, born, self.queue_limit, Sharing::Own);
             key = e.next;
         }
+        charge
     }
 
     /// Hands `frame` to every shard.
@@ -570,6 +770,27 @@ impl Registry {
     }
 }
 
+/// Closes the connections with the largest queues while the queue budget is exceeded: woken
+/// by [`Registry::charge`], at most one scan per [`BUDGET_RECHECK`].
+async fn enforce_budget(registry: Arc<Registry>) {
+    let mut logged: Option<Instant> = None;
+    loop {
+        registry.over_budget.notified().await;
+        let used = registry.queued_bytes();
+        let cut = registry.cut_largest();
+        if cut > 0 && logged.is_none_or(|t| t.elapsed() >= BUDGET_LOG_EVERY) {
+            logged = Some(Instant::now());
+            warn!(
+                queued_bytes = used,
+                budget = registry.budget,
+                closed = cut,
+                "client queue budget (CLIENT_QUEUE_BUDGET_BYTES) exhausted: closing the connections with the most bytes queued (1013)"
+            );
+        }
+        tokio::time::sleep(BUDGET_RECHECK).await;
+    }
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -584,6 +805,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
     let shard = &registry.shards[idx];
     while rx.recv_many(&mut batch, SHARD_BATCH).await > 0 {
         let mut barriers = Vec::new();
+        let mut charge = 0;
         {
             let st = shard.state.lock();
             let n = batch.len();
@@ -591,12 +813,12 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
                 match d {
                     Delivery::User { user, frame, born } => {
                         if let Some(&head) = st.users.get(&*user) {
-                            registry.push_to_user(&st, head, &frame, born);
+                            charge += registry.push_to_user(&st, head, &frame, born);
                         }
                     }
                     Delivery::Broadcast { frame, born } => {
                         for (_, e) in st.conns.iter() {
-                            e.handle.push(&frame, born, limit);
+                            charge += e.handle.push(&frame, born, limit, Sharing::Shared);
                         }
                     }
                     Delivery::Barrier(done) => barriers.push(done),
@@ -604,6 +826,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
             }
             shard.queued.fetch_sub(n, Ordering::AcqRel);
         }
+        registry.charge(charge);
         for done in barriers {
             let _ = done.send(());
         }
@@ -646,10 +869,10 @@ mod tests {
         );
         registry.flush().await;
         for (i, (h, key)) in handles.iter().enumerate() {
-            let (out, born) = h.take_frames().expect("frames queued");
+            let taken = h.take_frames().expect("frames queued");
             let want = if i % 50 == 7 { 2 } else { 1 };
-            assert_eq!(out.len(), want, "connection {i}");
-            registry.record_delivery(*key, born);
+            assert_eq!(taken.frames.len(), want, "connection {i}");
+            registry.record_delivery(*key, taken.born);
         }
         let mut text = String::new();
         registry.render_metrics(&mut text);
@@ -681,12 +904,12 @@ mod tests {
         };
         // Nothing queued: the frame is in the mailbox as soon as route returns.
         registry.route(&Target::User("u".into()), &one).await;
-        assert_eq!(h.take_frames().expect("queued").0.len(), 1);
+        assert_eq!(h.take_frames().expect("queued").frames.len(), 1);
         // A broadcast still queued for the shard: the user's frame queues behind it.
         registry.route(&Target::Broadcast, &one).await;
         registry.route(&Target::User("u".into()), &two).await;
         registry.flush().await;
-        let (out, _) = h.take_frames().expect("queued");
+        let out = h.take_frames().expect("queued").frames;
         let data: Vec<bool> = out.iter().map(|f| f.ends_with(b"\"data\":1}")).collect();
         assert_eq!(
             data,
@@ -697,6 +920,76 @@ mod tests {
             registry.route(&Target::User("nobody".into()), &one).await,
             Outcome::NoRecipient
         );
+    }
+
+    #[tokio::test]
+    async fn per_user_limit() {
+        let registry = Registry::start_with(Limits {
+            client_queue: 1 << 20,
+            budget: usize::MAX,
+            per_user: 2,
+        });
+        let reg = |u: &str| registry.register(Arc::from(u), Arc::new(Handle::new(None)));
+        let first = reg("u").expect("first");
+        reg("u").expect("second");
+        assert_eq!(reg("u").err(), Some(Refused::UserLimit));
+        reg("v").expect("another user is not affected");
+        registry.unregister(first);
+        reg("u").expect("a freed slot is reused");
+    }
+
+    #[tokio::test]
+    async fn the_budget_counts_memory_and_cuts_the_largest_queues_first() {
+        let registry = Registry::start_with(Limits {
+            client_queue: 1 << 20,
+            budget: 900_000,
+            per_user: 0,
+        });
+        let handles: Vec<_> = ["big", "small", "idle"]
+            .iter()
+            .map(|u| {
+                let h = Arc::new(Handle::new(None));
+                registry.register(Arc::from(*u), h.clone()).expect("open");
+                h
+            })
+            .collect();
+        let data = vec![b'1'; 100_000];
+        let frame = FrameBuilder {
+            data: &data,
+            ..builder()
+        };
+        let len = |u| frame.build(Some(u)).len() + SLOT_BYTES;
+        // A broadcast costs a slot per connection, not its length.
+        registry.route(&Target::Broadcast, &frame).await;
+        registry.flush().await;
+        assert_eq!(registry.queued_bytes(), 3 * SLOT_BYTES);
+        // Frames for one user cost their length: 8 + 2 of them take the total over budget.
+        for _ in 0..8 {
+            registry.route(&Target::User("big".into()), &frame).await;
+        }
+        for _ in 0..2 {
+            registry.route(&Target::User("small".into()), &frame).await;
+        }
+        registry.flush().await;
+        assert_eq!(
+            registry.queued_bytes(),
+            3 * SLOT_BYTES + 8 * len("big") + 2 * len("small")
+        );
+        registry.cut_largest();
+        let sig: Vec<u8> = handles.iter().map(|h| h.take_signals()).collect();
+        assert_eq!(
+            sig.iter()
+                .map(|s| s & signal::BUDGET != 0)
+                .collect::<Vec<_>>(),
+            [true, false, false],
+            "freeing `big` is enough to get back under 7/8 of the budget"
+        );
+        // Taking frames hands their charge to the taker; giving it back empties the count.
+        for h in &handles {
+            let taken = h.take_frames().expect("queued");
+            registry.release(h, taken.charge);
+        }
+        assert_eq!(registry.queued_bytes(), 0);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::config::HTTP_HEADROOM;
 use crate::conn::Conn;
 use crate::http::{self, Head, HeadError, Response};
 use crate::metrics::{Gauges, Metrics, inc};
-use crate::registry::{Handle, Registry};
+use crate::registry::{Handle, Refused, Registry};
 use crate::shutdown::{Shutdown, Slot, Tracker};
 
 /// Longest pause between accept retries after an error such as EMFILE.
@@ -47,6 +47,8 @@ pub struct Shared {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub handshake_timeout: Duration,
+    /// How long a peer has to answer our close frame (`CLOSE_TIMEOUT_MS`).
+    pub close_timeout: Duration,
     /// False once shutdown has begun.
     pub accepting: AtomicBool,
     /// `POST /api/publish`, when a key is configured.
@@ -68,6 +70,7 @@ impl Shared {
             users: self.registry.users(),
             sockets: self.tracker.open(),
             ready: self.ready(),
+            queued_bytes: self.registry.queued_bytes(),
         }
     }
 }
@@ -331,8 +334,16 @@ async fn upgrade(
     // Register before answering 101: a message routed from the moment the client sees the
     // socket open waits in the mailbox and is written right after the 101.
     let handle = Arc::new(Handle::new(identity.expires_at));
-    let Ok(key) = shared.registry.register(identity.user, handle.clone()) else {
-        return answer(&mut sock, Response::text(503, "shutting down\n")).await;
+    let key = match shared.registry.register(identity.user, handle.clone()) {
+        Ok(key) => key,
+        Err(Refused::Closing) => {
+            return answer(&mut sock, Response::text(503, "shutting down\n")).await;
+        }
+        Err(Refused::UserLimit) => {
+            inc(&m.handshakes_user_limit);
+            let r = Response::text(429, "too many connections for this user\n");
+            return answer(&mut sock, r).await;
+        }
     };
     let accept =
         tungstenite::handshake::derive_accept_key(head.ws_key.as_deref().unwrap_or("").as_bytes());
