@@ -87,10 +87,12 @@ pub struct Handle {
     /// Bytes pushed and not yet written to the socket (mailbox + the connection's own queue),
     /// held to `CLIENT_QUEUE_BYTES` (at most 1 GiB, so 32 bits hold it and a frame on top).
     queued: AtomicU32,
-    /// What those frames cost the queue budget ([`Sharing`]): ranks connections when the
-    /// budget runs out. The two counters take the room of one `usize`, so the handle stays
-    /// 96 bytes.
-    charged: AtomicU32,
+    /// What the frames the connection has taken from its mailbox, and not yet written or
+    /// dropped, cost the queue budget ([`Sharing`]); with the mailbox's own `charge`, it
+    /// ranks connections when the budget runs out. Updated by the connection when it takes
+    /// frames and gives their charge back, so a push costs no extra atomic. The two counters
+    /// take the room of one `usize`: the handle stays 96 bytes.
+    held: AtomicU32,
     waker: AtomicWaker,
     signals: AtomicU8,
     /// Keepalive clock tick at which the peer was last heard from.
@@ -147,7 +149,7 @@ impl Handle {
         Self {
             mailbox: Mutex::new(Mailbox::default()),
             queued: AtomicU32::new(0),
-            charged: AtomicU32::new(0),
+            held: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             signals: AtomicU8::new(0),
             last_seen: AtomicU32::new(0),
@@ -171,8 +173,6 @@ impl Handle {
             return 0;
         }
         let charge = sharing.charge(len);
-        // Before the frame is visible to the connection, which gives the charge back.
-        self.charged.fetch_add(charge as u32, Ordering::Relaxed);
         let was_empty = {
             let mut mb = self.mailbox.lock();
             let was_empty = mb.frames.is_empty();
@@ -212,10 +212,12 @@ impl Handle {
         if mb.frames.is_empty() {
             return None;
         }
+        let charge = std::mem::take(&mut mb.charge);
+        self.held.fetch_add(charge, Ordering::Relaxed);
         Some(Taken {
             frames: std::mem::take(&mut mb.frames),
             born: mb.since,
-            charge: std::mem::take(&mut mb.charge) as usize,
+            charge: charge as usize,
         })
     }
 
@@ -227,7 +229,16 @@ impl Handle {
         self.queued.store(CLOSED, Ordering::Release);
         let mut mb = self.mailbox.lock();
         mb.frames = VecDeque::new();
-        std::mem::take(&mut mb.charge) as usize
+        let charge = std::mem::take(&mut mb.charge);
+        // Counted as taken, so that one `Registry::release` gives back all of it.
+        self.held.fetch_add(charge, Ordering::Relaxed);
+        charge as usize
+    }
+
+    /// What this connection's queue costs the budget now.
+    fn charge(&self) -> usize {
+        let in_mailbox = self.mailbox.lock().charge;
+        (self.held.load(Ordering::Relaxed) as usize) + in_mailbox as usize
     }
 
     /// Records `bytes` as written to the socket.
@@ -441,7 +452,7 @@ impl Registry {
     /// ([`Taken::charge`], [`Handle::discard_queued`]).
     pub fn release(&self, handle: &Handle, bytes: usize) {
         if bytes > 0 {
-            handle.charged.fetch_sub(bytes as u32, Ordering::Relaxed);
+            handle.held.fetch_sub(bytes as u32, Ordering::Relaxed);
             self.queued_bytes
                 .fetch_sub(bytes as isize, Ordering::AcqRel);
         }
@@ -459,7 +470,7 @@ impl Registry {
         let target = (used - self.budget + self.budget / 8) as usize;
         let mut holders: Vec<(usize, Arc<Handle>)> = Vec::new();
         self.for_each(|e| {
-            let c = e.handle.charged.load(Ordering::Relaxed) as usize;
+            let c = e.handle.charge();
             if c > 0 {
                 holders.push((c, e.handle.clone()));
             }
@@ -771,23 +782,30 @@ impl Registry {
 }
 
 /// Closes the connections with the largest queues while the queue budget is exceeded: woken
-/// by [`Registry::charge`], at most one scan per [`BUDGET_RECHECK`].
+/// by [`Registry::charge`], at most one scan per [`BUDGET_RECHECK`], and scanning again after
+/// that as long as the budget is still exceeded (a scan's estimate can fall short when the
+/// connections it told are slow to drop their queues).
 async fn enforce_budget(registry: Arc<Registry>) {
     let mut logged: Option<Instant> = None;
     loop {
         registry.over_budget.notified().await;
-        let used = registry.queued_bytes();
-        let cut = registry.cut_largest();
-        if cut > 0 && logged.is_none_or(|t| t.elapsed() >= BUDGET_LOG_EVERY) {
-            logged = Some(Instant::now());
-            warn!(
-                queued_bytes = used,
-                budget = registry.budget,
-                closed = cut,
-                "client queue budget (CLIENT_QUEUE_BUDGET_BYTES) exhausted: closing the connections with the most bytes queued (1013)"
-            );
+        loop {
+            let used = registry.queued_bytes();
+            let cut = registry.cut_largest();
+            if cut > 0 && logged.is_none_or(|t| t.elapsed() >= BUDGET_LOG_EVERY) {
+                logged = Some(Instant::now());
+                warn!(
+                    queued_bytes = used,
+                    budget = registry.budget,
+                    closed = cut,
+                    "client queue budget (CLIENT_QUEUE_BUDGET_BYTES) exhausted: closing the connections with the most bytes queued (1013)"
+                );
+            }
+            tokio::time::sleep(BUDGET_RECHECK).await;
+            if cut == 0 || registry.queued_bytes() as isize <= registry.budget {
+                break;
+            }
         }
-        tokio::time::sleep(BUDGET_RECHECK).await;
     }
 }
 

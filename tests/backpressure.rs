@@ -597,10 +597,12 @@ async fn the_budget_cuts_the_largest_queues_first_and_bounds_their_memory() {
         peak_queued <= BUDGET + 2 * message,
         "queues held {peak_queued} bytes (budget {BUDGET}, one message {message})"
     );
-    // Memory: the same, plus what is not in a queue (frames being built and routed, the
-    // allocator's free pages) — against 500 MiB were the queues bounded one by one only.
+    // Memory: RSS also holds what is in no queue (frames being built and routed, closing
+    // connections, the allocator's free pages), so it is held to a looser bound: well under
+    // what CLIENT_QUEUE_BYTES alone would have allowed (500 × 256 KiB = 125 MiB).
+    let per_client_bound = STALLED as u64 * QUEUE;
     assert!(
-        grown << 10 <= BUDGET + 2 * message + (16 << 20),
+        grown << 10 <= per_client_bound / 2,
         "RSS grew by {grown} KiB"
     );
 }
