@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use wsnotify::envelope::Target;
 use wsnotify::frame::FrameBuilder;
-use wsnotify::registry::{Handle, Registry};
+use wsnotify::registry::{ConnKey, Handle, Registry};
 
 const CONNECTIONS: usize = 10_000;
 const BATCH: usize = 1_000;
@@ -25,7 +25,7 @@ const BATCH: usize = 1_000;
 struct Setup {
     rt: tokio::runtime::Runtime,
     registry: Arc<Registry>,
-    handles: Vec<Arc<Handle>>,
+    handles: Vec<(Arc<Handle>, ConnKey)>,
     users: Vec<String>,
 }
 
@@ -43,10 +43,10 @@ fn setup() -> Setup {
         .iter()
         .map(|u| {
             let h = Arc::new(Handle::new(None));
-            registry
+            let key = registry
                 .register(Arc::from(u.as_str()), h.clone())
                 .expect("registry open");
-            h
+            (h, key)
         })
         .collect();
     Setup {
@@ -61,9 +61,9 @@ impl Setup {
     fn drain(&self) -> usize {
         self.handles
             .iter()
-            .filter_map(|h| h.take_frames().map(|t| (h, t)))
-            .map(|(h, t)| {
-                self.registry.release(h, t.charge);
+            .filter_map(|(h, key)| h.take_frames().map(|t| (h, key, t)))
+            .map(|(h, key, t)| {
+                self.registry.release(*key, h, t.charge);
                 t.frames.len()
             })
             .sum()

@@ -426,7 +426,9 @@ impl Conn {
                 p.out.push_back(f);
             }
         }
-        self.shared.registry.release(&self.handle, released);
+        self.shared
+            .registry
+            .release(self.key, &self.handle, released);
         // Writes into `ctrl`, which cannot fail; an error only means tungstenite already
         // considers the socket closed.
         let reader = self
@@ -701,13 +703,20 @@ impl Future for Conn {
             return Poll::Ready(());
         }
 
+        // Whether frames may wait in the mailbox for the write queue to empty.
+        let mut waiting = false;
         match this.phase {
             Phase::Open | Phase::Draining => {
-                this.take_frames();
+                waiting = !this.take_frames()
+                    && this
+                        .wire
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| !p.out.is_empty());
             }
             Phase::Closing { .. } => {
                 let charge = this.handle.discard_queued();
-                this.shared.registry.release(&this.handle, charge);
+                this.shared.registry.release(this.key, &this.handle, charge);
             }
         }
 
@@ -728,7 +737,9 @@ impl Future for Conn {
         loop {
             let mut done = Written::default();
             let res = this.wire.poll_write_out(cx, &mut done);
-            this.shared.registry.release(&this.handle, done.released);
+            this.shared
+                .registry
+                .release(this.key, &this.handle, done.released);
             if done.frames > 0 {
                 if matches!(this.phase, Phase::Open | Phase::Draining) {
                     this.handle.written(done.bytes);
@@ -747,9 +758,12 @@ impl Future for Conn {
             }
             return match res {
                 Poll::Ready(Err(_)) => Poll::Ready(()),
-                // The socket took everything: what waited in the mailbox goes next.
+                // The socket took everything: what waited in the mailbox goes next. (Frames
+                // pushed after a take woke the task: only a mailbox left alone above can hold
+                // frames nothing will wake it for.)
                 Poll::Ready(Ok(()))
-                    if matches!(this.phase, Phase::Open | Phase::Draining)
+                    if std::mem::take(&mut waiting)
+                        && matches!(this.phase, Phase::Open | Phase::Draining)
                         && this.take_frames() =>
                 {
                     continue;
@@ -814,7 +828,9 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.shared.registry.unregister(self.key);
         if let Some(p) = &self.wire.pending {
-            self.shared.registry.release(&self.handle, p.charge);
+            self.shared
+                .registry
+                .release(self.key, &self.handle, p.charge);
         }
     }
 }

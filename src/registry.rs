@@ -294,6 +294,11 @@ struct Shard {
     /// Deliveries sent to the shard's task and not yet pushed to mailboxes. Read under the
     /// state lock; the task lowers it under that lock once a batch is pushed.
     queued: AtomicUsize,
+    /// What the queues of this shard's connections cost the budget ([`Sharing`]): one
+    /// counter per shard, like the histogram, so that connections writing on different
+    /// threads do not all update one. Briefly below zero when a frame is written before its
+    /// batch is charged.
+    charge: AtomicIsize,
     /// Delivery latency of this shard's connections (one histogram per shard keeps the
     /// counters of connections on different threads apart).
     latency: LatencyHistogram,
@@ -332,12 +337,9 @@ pub struct Registry {
     /// Keepalive clock: one tick per ping interval.
     tick: AtomicU32,
     queue_limit: usize,
-    /// What all client queues cost together ([`Sharing`]); briefly below zero when a frame is
-    /// written before its batch is charged.
-    queued_bytes: AtomicIsize,
     /// `CLIENT_QUEUE_BUDGET_BYTES`.
     budget: isize,
-    /// Wakes [`enforce_budget`] when `queued_bytes` goes over `budget`.
+    /// Wakes [`enforce_budget`] when the shards' charges add up to more than `budget`.
     over_budget: Notify,
     /// `MAX_CONNECTIONS_PER_USER` (0: no limit).
     per_user: usize,
@@ -395,6 +397,7 @@ impl Registry {
                 state: Mutex::new(ShardState::default()),
                 tx,
                 queued: AtomicUsize::new(0),
+                charge: AtomicIsize::new(0),
                 latency: LatencyHistogram::default(),
             });
             receivers.push(rx);
@@ -408,7 +411,6 @@ impl Registry {
             closing: AtomicBool::new(false),
             tick: AtomicU32::new(0),
             queue_limit: limits.client_queue,
-            queued_bytes: AtomicIsize::new(0),
             budget: isize::try_from(limits.budget).unwrap_or(isize::MAX),
             over_budget: Notify::new(),
             per_user: limits.per_user,
@@ -434,26 +436,37 @@ impl Registry {
 
     /// What all client queues cost the budget now (see [`Sharing`]).
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Relaxed).max(0) as usize
+        self.used().max(0) as usize
     }
 
-    /// Adds what frames just queued cost; wakes the budget's enforcer if it ran out.
-    fn charge(&self, bytes: usize) {
+    fn used(&self) -> isize {
+        self.shards
+            .iter()
+            .map(|s| s.charge.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Adds what frames just queued for connections of `shard` cost; wakes the budget's
+    /// enforcer if it ran out. The shards are added up only when this one holds more than its
+    /// share of the budget: while none does, the total cannot be over it.
+    fn charge(&self, shard: usize, bytes: usize) {
         if bytes == 0 {
             return;
         }
         let bytes = bytes as isize;
-        if self.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > self.budget {
+        let here = self.shards[shard].charge.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if here > self.budget / SHARDS as isize && self.used() > self.budget {
             self.over_budget.notify_one();
         }
     }
 
-    /// Gives back the charge of `handle`'s frames written to its socket or dropped
-    /// ([`Taken::charge`], [`Handle::discard_queued`]).
-    pub fn release(&self, handle: &Handle, bytes: usize) {
+    /// Gives back the charge of frames written to a socket or dropped by the connection at
+    /// `at` ([`Taken::charge`], [`Handle::discard_queued`]).
+    pub fn release(&self, at: ConnKey, handle: &Handle, bytes: usize) {
         if bytes > 0 {
             handle.held.fetch_sub(bytes as u32, Ordering::Relaxed);
-            self.queued_bytes
+            self.shards[usize::from(at.shard)]
+                .charge
                 .fetch_sub(bytes as isize, Ordering::AcqRel);
         }
     }
@@ -463,7 +476,7 @@ impl Registry {
     /// the budget (so that one cut is not followed at once by the next). Returns how many
     /// were told.
     pub fn cut_largest(&self) -> usize {
-        let used = self.queued_bytes.load(Ordering::Acquire);
+        let used = self.used();
         if used <= self.budget {
             return 0;
         }
@@ -602,7 +615,7 @@ impl Registry {
             return;
         };
         // Nothing is pushed to it any more: give back what its mailbox still holds.
-        self.release(&entry.handle, entry.handle.discard_queued());
+        self.release(at, &entry.handle, entry.handle.discard_queued());
         if entry.prev != NIL {
             st.conns[entry.prev as usize].next = entry.next;
         }
@@ -662,7 +675,8 @@ impl Registry {
     /// when nothing is queued for its shard, else through the shard's queue (waiting only if
     /// that is full). Returns whether the user is connected.
     async fn to_user(&self, user: &str, msg: &FrameBuilder<'_>, born: u32) -> bool {
-        let shard = &self.shards[self.shard_of(user)];
+        let idx = self.shard_of(user);
+        let shard = &self.shards[idx];
         let frame = {
             let st = shard.state.lock();
             let Some(&head) = st.users.get(user) else {
@@ -672,7 +686,7 @@ impl Registry {
             if shard.queued.load(Ordering::Acquire) == 0 {
                 let charge = self.push_to_user(&st, head, frame.wire(), born);
                 drop(st);
-                self.charge(charge);
+                self.charge(idx, charge);
                 return true;
             }
             frame
@@ -844,7 +858,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
             }
             shard.queued.fetch_sub(n, Ordering::AcqRel);
         }
-        registry.charge(charge);
+        registry.charge(idx, charge);
         for done in barriers {
             let _ = done.send(());
         }
@@ -967,8 +981,8 @@ mod tests {
             .iter()
             .map(|u| {
                 let h = Arc::new(Handle::new(None));
-                registry.register(Arc::from(*u), h.clone()).expect("open");
-                h
+                let key = registry.register(Arc::from(*u), h.clone()).expect("open");
+                (h, key)
             })
             .collect();
         let data = vec![b'1'; 100_000];
@@ -994,7 +1008,7 @@ mod tests {
             3 * SLOT_BYTES + 8 * len("big") + 2 * len("small")
         );
         registry.cut_largest();
-        let sig: Vec<u8> = handles.iter().map(|h| h.take_signals()).collect();
+        let sig: Vec<u8> = handles.iter().map(|(h, _)| h.take_signals()).collect();
         assert_eq!(
             sig.iter()
                 .map(|s| s & signal::BUDGET != 0)
@@ -1003,9 +1017,9 @@ mod tests {
             "freeing `big` is enough to get back under 7/8 of the budget"
         );
         // Taking frames hands their charge to the taker; giving it back empties the count.
-        for h in &handles {
+        for (h, key) in &handles {
             let taken = h.take_frames().expect("queued");
-            registry.release(h, taken.charge);
+            registry.release(*key, h, taken.charge);
         }
         assert_eq!(registry.queued_bytes(), 0);
     }
