@@ -484,8 +484,9 @@ async fn two_thousand_non_readers_under_broadcasts_cost_little_memory_and_no_hea
     // resets, and the gateway (a debug build here) shares 2 cores with them, the test and
     // RabbitMQ — it uses about twice the CPU of phase A doing so. What must not happen is a
     // healthy frame waiting on a stalled peer: that would take seconds, as each lives
-    // ≥ 4 s. Hence 5 ms of slack at the median and 100 ms at p99 (RELIABILITY.md: on this
-    // machine at load 4, p50 9.4 ms against 7.2 ms, p99 20 ms against 17 ms).
+    // ≥ 4 s. Hence 5 ms of slack at the median and 250 ms at p99 (RELIABILITY.md: on this
+    // machine at load 3–4, p50 9.4 ms against 7.2 ms, p99 16–20 ms against 10–17 ms; one
+    // run in four had a p99 of 220 ms, a spike of a few hundred ms in one wave).
     let p50 = base_a.p50.max(base_c.p50);
     let p99 = base_a.p99.max(base_c.p99);
     assert!(
@@ -493,7 +494,7 @@ async fn two_thousand_non_readers_under_broadcasts_cost_little_memory_and_no_hea
         "median latency {with_stalled} vs {p50} µs without non-readers"
     );
     assert!(
-        with_stalled.p99 <= 2 * p99 + 100_000,
+        with_stalled.p99 <= 2 * p99 + 250_000,
         "p99 latency {with_stalled} vs {p99} µs without non-readers"
     );
 }
