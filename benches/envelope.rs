@@ -1,5 +1,6 @@
 //! Per-message cost of the ingest path: parse + validate an envelope, encode its `data`, and
-//! encode the frame, for 200 B, 2 KB and 64 KB bodies.
+//! encode the frame, for 200 B, 2 KB and 64 KB bodies, and for a `user_ids` list of 10,000
+//! ids (about as many as a 64 KiB body holds; repeats are dropped, which must stay linear).
 //!
 //! * `simd-json DOM` is the gateway's code as it runs ([`Parser::parse`] over a scratch copy,
 //!   [`Notification::from_envelope`] re-encoding `data` into the frame's parts, and
@@ -16,7 +17,9 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use wsnotify::envelope::{MAX_ID_BYTES, MAX_MESSAGE_TYPE_BYTES, Parser, Target, valid_user_id};
+use wsnotify::envelope::{
+    MAX_ID_BYTES, MAX_MESSAGE_TYPE_BYTES, Parser, Target, dedupe, valid_user_id,
+};
 use wsnotify::frame::{Frame, FrameBuf};
 use wsnotify::notification::Notification;
 
@@ -47,6 +50,15 @@ fn body(size: usize) -> Vec<u8> {
 /// The moment `TS` names.
 fn taken() -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp_nanos(1_795_687_200_123_000_000).expect("time")
+}
+
+/// An envelope for `n` users (short ids, each listed once, then the first tenth again).
+fn users_body(n: usize) -> Vec<u8> {
+    let mut ids: Vec<String> = (0..n).map(|i| format!("{i:x}")).collect();
+    ids.extend((0..n / 10).map(|i| format!("{i:x}")));
+    serde_json::to_vec(&serde_json::json!({"type": "websocket_notification",
+        "payload": {"user_ids": ids, "message_type": "m", "data": {"message": "hi"}}}))
+    .expect("JSON")
 }
 
 /// The gateway's path.
@@ -97,14 +109,11 @@ fn serde_raw(body: &[u8]) -> Result<Frame, String> {
         .ok_or("message_type")?;
     let target = match (p.user_id, p.user_ids, p.broadcast.unwrap_or(false)) {
         (Some(u), None, false) if valid_user_id(&u) => Target::User(u),
-        (None, Some(list), false) if !list.is_empty() && list.iter().all(|u| valid_user_id(u)) => {
-            let mut ids: Vec<Cow<'_, str>> = Vec::with_capacity(list.len());
-            for u in list {
-                if !ids.contains(&u) {
-                    ids.push(u);
-                }
-            }
-            Target::Users(ids)
+        (None, Some(mut list), false)
+            if !list.is_empty() && list.iter().all(|u| valid_user_id(u)) =>
+        {
+            dedupe(&mut list);
+            Target::Users(list)
         }
         (None, None, true) => Target::Broadcast,
         _ => return Err("target".into()),
@@ -135,8 +144,13 @@ fn serde_raw(body: &[u8]) -> Result<Frame, String> {
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("envelope parse+validate+frame");
-    for (label, size) in [("200 B", 200), ("2 KB", 2 * 1024), ("64 KB", 64 * 1024)] {
-        let body = body(size);
+    let cases = [
+        ("200 B", body(200)),
+        ("2 KB", body(2 * 1024)),
+        ("64 KB", body(64 * 1024)),
+        ("user_ids ×10,000", users_body(10_000)),
+    ];
+    for (label, body) in cases {
         // Both paths must produce a frame with the same JSON value.
         let a: serde_json::Value =
             serde_json::from_slice(simd(&mut Parser::new(), &body).json()).expect("json");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use wsnotify::envelope::Target;
 use wsnotify::notification::Notification;
-use wsnotify::registry::{Handle, Registry};
+use wsnotify::registry::{ConnKey, Handle, Registry};
 
 const CONNECTIONS: usize = 10_000;
 const BATCH: usize = 1_000;
@@ -25,7 +25,7 @@ const BATCH: usize = 1_000;
 struct Setup {
     rt: tokio::runtime::Runtime,
     registry: Arc<Registry>,
-    handles: Vec<Arc<Handle>>,
+    handles: Vec<(Arc<Handle>, ConnKey)>,
     users: Vec<String>,
 }
 
@@ -42,11 +42,11 @@ fn setup() -> Setup {
     let handles = users
         .iter()
         .map(|u| {
-            let h = Arc::new(Handle::new(None, 0));
-            registry
+            let h = Arc::new(Handle::new(None));
+            let key = registry
                 .register(Arc::from(u.as_str()), h.clone())
                 .expect("registry open");
-            h
+            (h, key)
         })
         .collect();
     Setup {
@@ -61,8 +61,11 @@ impl Setup {
     fn drain(&self) -> usize {
         self.handles
             .iter()
-            .filter_map(|h| h.take_frames())
-            .map(|(frames, _)| frames.len())
+            .filter_map(|(h, key)| h.take_frames().map(|t| (h, key, t)))
+            .map(|(h, key, t)| {
+                self.registry.release(*key, h, t.charge);
+                t.frames.len()
+            })
             .sum()
     }
 }

@@ -66,19 +66,33 @@ pub struct PublishArgs {
     pub no_wait: bool,
 }
 
-/// Confirms awaited at most at once in `--stdin` mode (bounds memory, keeps the pipe full).
+/// Confirms awaited at most at once in `--stdin` mode (bounds memory, keeps the pipe full);
+/// also how many lines are read ahead of the publisher.
 const WINDOW: usize = 1024;
+
+/// Where the messages to publish come from.
+enum Source {
+    One(Option<Vec<u8>>),
+    /// Read and parsed on their own thread, at most [`WINDOW`] ahead of the publisher.
+    Lines(tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Result<Vec<u8>, String>> {
+        match self {
+            Source::One(m) => m.take().map(Ok),
+            Source::Lines(rx) => rx.recv().await,
+        }
+    }
+}
 
 pub async fn publish(args: PublishArgs) -> ExitCode {
     let fail = |msg: String| {
         eprintln!("wsnotify publish: {msg}");
         ExitCode::FAILURE
     };
-    let messages: Vec<Vec<u8>> = if args.stdin {
-        match read_stdin() {
-            Ok(m) => m,
-            Err(e) => return fail(e),
-        }
+    let mut source = if args.stdin {
+        Source::Lines(stdin_lines())
     } else {
         let to = match (&args.user, &args.users, args.broadcast) {
             (Some(u), None, false) => Recipients::User(u),
@@ -99,7 +113,7 @@ pub async fn publish(args: PublishArgs) -> ExitCode {
             };
         let message_type = args.message_type.as_deref().unwrap_or_default();
         match envelope(to, message_type, &data, args.id.as_deref()) {
-            Ok(m) => vec![m],
+            Ok(m) => Source::One(Some(m)),
             Err(e) => return fail(e.to_string()),
         }
     };
@@ -112,13 +126,26 @@ pub async fn publish(args: PublishArgs) -> ExitCode {
     let mut confirmed = 0usize;
     let mut sent = 0usize;
     let mut window: std::collections::VecDeque<Confirm> = std::collections::VecDeque::new();
-    for (line, m) in messages.into_iter().enumerate() {
-        sent += 1;
+    // A bad line or a refused message stops the stream; what was sent before it is still
+    // confirmed, so the error can say how far it got.
+    let mut stopped = None;
+    while let Some(m) = source.next().await {
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        };
         match publisher.send(m).await {
             Ok(c) if args.no_wait => drop(c),
             Ok(c) => window.push_back(c),
-            Err(e) => return fail(format!("message {}: {e}", line + 1)),
+            Err(e) => {
+                stopped = Some(format!("message {}: {e}", sent + 1));
+                break;
+            }
         }
+        sent += 1;
         if window.len() >= WINDOW
             && let Some(c) = window.pop_front()
         {
@@ -135,6 +162,11 @@ pub async fn publish(args: PublishArgs) -> ExitCode {
         confirmed += 1;
     }
     publisher.close().await;
+    if let Some(e) = stopped {
+        return fail(format!(
+            "{e} (stopped there: {sent} published before it, {confirmed} confirmed)"
+        ));
+    }
     let secs = started.elapsed().as_secs_f64();
     if args.no_wait {
         println!("published {sent} (not waiting for confirms) in {secs:.3} s");
@@ -144,24 +176,38 @@ pub async fn publish(args: PublishArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// One message per non-empty line: a full envelope, or a payload to wrap in one.
-fn read_stdin() -> Result<Vec<Vec<u8>>, String> {
-    let mut out = Vec::new();
-    for (i, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.map_err(|e| format!("reading stdin: {e}"))?;
-        if line.trim().is_empty() {
-            continue;
+/// Standard input as a stream of messages, one per non-empty line (a full envelope, or a
+/// payload to wrap in one), ending at the first error. Read on a thread of its own, so
+/// publishing starts with the first line and memory stays flat however long the input is.
+/// (A plain thread, not the runtime's blocking pool: a read that never returns, e.g. on a
+/// terminal, must not hold up the exit after an error.)
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(WINDOW);
+    std::thread::spawn(move || {
+        for (i, line) in std::io::stdin().lock().lines().enumerate() {
+            let msg = match line {
+                Err(e) => Err(format!("reading stdin: {e}")),
+                Ok(l) if l.trim().is_empty() => continue,
+                Ok(l) => line_envelope(&l).map_err(|e| format!("line {}: {e}", i + 1)),
+            };
+            let stop = msg.is_err();
+            if tx.blocking_send(msg).is_err() || stop {
+                return;
+            }
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| format!("line {}: not JSON: {e}", i + 1))?;
-        let env = if v.get("type").is_some() && v.get("payload").is_some() {
-            v
-        } else {
-            serde_json::json!({ "type": ENVELOPE_TYPE, "payload": v })
-        };
-        out.push(serde_json::to_vec(&env).map_err(|e| e.to_string())?);
-    }
-    Ok(out)
+    });
+    rx
+}
+
+/// A line of `--stdin` input as an envelope.
+fn line_envelope(line: &str) -> Result<Vec<u8>, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let env = if v.get("type").is_some() && v.get("payload").is_some() {
+        v
+    } else {
+        serde_json::json!({ "type": ENVELOPE_TYPE, "payload": v })
+    };
+    serde_json::to_vec(&env).map_err(|e| e.to_string())
 }
 
 /// `wsnotify healthcheck`: for container health checks in an image without shell tools.

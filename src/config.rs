@@ -198,6 +198,15 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// Most connections one user may hold at once; the next upgrade gets 429. 0: no limit.
+    #[arg(
+        long,
+        env = "MAX_CONNECTIONS_PER_USER",
+        value_name = "MAX_CONNECTIONS_PER_USER",
+        default_value_t = 64
+    )]
+    pub max_connections_per_user: usize,
+
     /// Largest broker message body accepted; larger ones are dead-lettered.
     #[arg(
         long,
@@ -212,9 +221,20 @@ pub struct Config {
         long,
         env = "CLIENT_QUEUE_BYTES",
         value_name = "CLIENT_QUEUE_BYTES",
-        default_value_t = 262_144
+        default_value_t = 1_048_576
     )]
     pub client_queue_bytes: usize,
+
+    /// Memory all client queues may hold together; beyond it, the clients with the most
+    /// bytes queued are closed with 1013 first. Broadcast frames are shared: each queued copy
+    /// counts 32 bytes; a frame for one user counts its length.
+    #[arg(
+        long,
+        env = "CLIENT_QUEUE_BUDGET_BYTES",
+        value_name = "CLIENT_QUEUE_BUDGET_BYTES",
+        default_value_t = 134_217_728
+    )]
+    pub client_queue_budget_bytes: usize,
 
     /// Largest message a client may send; larger ones close the socket with 1009.
     #[arg(
@@ -261,6 +281,16 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub ping_interval_ms: u64,
+
+    /// Time a client has to answer the gateway's close frame (1013, 1008, 1001, protocol
+    /// errors) before its TCP connection is reset and its memory freed.
+    #[arg(
+        long,
+        env = "CLOSE_TIMEOUT_MS",
+        value_name = "CLOSE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub close_timeout_ms: u64,
 
     /// Longest a graceful shutdown (SIGTERM) waits for sockets to close before exiting.
     #[arg(
@@ -417,6 +447,19 @@ impl Config {
                 "must be at least MAX_MESSAGE_BYTES + 1024, or the largest message could never be sent",
             ));
         }
+        // A connection's charge is kept in 32 bits (registry::Mailbox).
+        if self.client_queue_bytes > 1 << 30 {
+            return Err(ConfigError::new(
+                "CLIENT_QUEUE_BYTES",
+                "must be at most 1073741824",
+            ));
+        }
+        if self.client_queue_budget_bytes < self.client_queue_bytes {
+            return Err(ConfigError::new(
+                "CLIENT_QUEUE_BUDGET_BYTES",
+                "must be at least CLIENT_QUEUE_BYTES",
+            ));
+        }
         if !(128..=1 << 20).contains(&self.read_buffer_bytes) {
             return Err(ConfigError::new(
                 "READ_BUFFER_BYTES",
@@ -441,6 +484,9 @@ impl Config {
         if self.ping_interval_ms < 100 {
             return Err(ConfigError::new("PING_INTERVAL_MS", "must be at least 100"));
         }
+        if self.close_timeout_ms < 100 {
+            return Err(ConfigError::new("CLOSE_TIMEOUT_MS", "must be at least 100"));
+        }
         if self.max_connections == Some(0) {
             return Err(ConfigError::new("MAX_CONNECTIONS", "must be at least 1"));
         }
@@ -463,10 +509,28 @@ impl Config {
         Ok(())
     }
 
-    /// `MAX_CONNECTIONS`, or what the open-file limit allows.
+    /// `MAX_CONNECTIONS`, or what the open-file limit allows. Raises the soft open-file limit
+    /// to the hard one either way (every connection is a descriptor), and warns when
+    /// `MAX_CONNECTIONS` is more than the limit can hold.
     pub fn effective_max_connections(&self) -> usize {
-        self.max_connections
-            .unwrap_or_else(|| open_file_limit().saturating_sub(FD_RESERVE).max(1))
+        let fit = open_file_limit().saturating_sub(FD_RESERVE).max(1);
+        match self.max_connections {
+            None => fit,
+            Some(n) => {
+                if n > fit {
+                    tracing::warn!(
+                        max_connections = n,
+                        open_file_limit = fit + FD_RESERVE,
+                        "MAX_CONNECTIONS is above what the open-file limit allows: past about {fit} connections, new ones will be refused with 503 (raise the hard nofile limit)"
+                    );
+                }
+                n
+            }
+        }
+    }
+
+    pub fn close_timeout(&self) -> Duration {
+        Duration::from_millis(self.close_timeout_ms)
     }
 
     pub fn handshake_timeout(&self) -> Duration {

@@ -17,7 +17,9 @@
 //! * Control frames (our pings, tungstenite's pongs and close frames) go to a small side
 //!   buffer that is written only between whole data frames, so the two never interleave.
 //! * No `split()`, no channel and no timer per connection: the registry's [`Handle`] carries
-//!   the mailbox, the waker and signals (ping, shutdown, overflow, dead peer, expired token).
+//!   the mailbox, the waker and signals (ping, shutdown, overflow, queue budget, dead peer,
+//!   expired token). The one timer is the close deadline (`CLOSE_TIMEOUT_MS`), and it lives in
+//!   the [`Reader`], which exists while a close handshake is under way.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -30,6 +32,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tungstenite::error::{CapacityError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
@@ -68,6 +71,11 @@ struct Outgoing {
     ///
     /// [`Registry::clock`]: crate::registry::Registry::clock
     since: Option<u32>,
+    /// What the frames in `out` cost the queue budget: given back in proportion to the frames
+    /// written, and in full once `out` is empty ([`Registry::release`]).
+    ///
+    /// [`Registry::release`]: crate::registry::Registry::release
+    charge: usize,
 }
 
 /// tungstenite's side of a connection: the codec with its protocol state (close handshake,
@@ -85,6 +93,10 @@ struct Reader {
     mid_message: bool,
     /// `carry` holds bytes not yet scanned (sent right behind the upgrade request).
     unscanned: bool,
+    /// Once our close frame is queued: when the peer's time to complete the handshake is up
+    /// (`CLOSE_TIMEOUT_MS`). Kept here, not in the [`Conn`], because the reader exists for
+    /// exactly as long as a close is under way (and an idle connection carries no timer).
+    close_by: Option<Pin<Box<Sleep>>>,
 }
 
 impl Reader {
@@ -94,6 +106,7 @@ impl Reader {
             carry: Vec::new(),
             mid_message: false,
             unscanned: false,
+            close_by: None,
         })
     }
 
@@ -212,6 +225,8 @@ struct Written {
     bytes: usize,
     /// The queue emptied: when its oldest frame entered routing.
     since: Option<u32>,
+    /// Queue budget charge given back by the frames written.
+    released: usize,
 }
 
 impl Wire {
@@ -274,9 +289,10 @@ impl Wire {
 
 impl Outgoing {
     fn consume(&mut self, mut n: usize, done: &mut Written) {
+        let (queued, frames_before) = (self.out.len(), done.frames);
         while n > 0 {
             let Some(front) = self.out.front() else {
-                return;
+                break;
             };
             let rest = front.len() - self.front_off;
             if n >= rest {
@@ -293,6 +309,14 @@ impl Outgoing {
                 n = 0;
             }
         }
+        let share = if self.out.is_empty() {
+            self.charge
+        } else {
+            let written = (done.frames - frames_before) as usize;
+            (self.charge * written / queued.max(1)).min(self.charge)
+        };
+        self.charge -= share;
+        done.released += share;
     }
 }
 
@@ -388,21 +412,23 @@ impl Conn {
         if matches!(self.phase, Phase::Closing { .. }) {
             return;
         }
-        match self.wire.pending.as_deref_mut() {
-            Some(p) => {
-                let partial = if p.front_off > 0 {
-                    p.out.pop_front()
-                } else {
-                    None
-                };
-                self.handle.discard_queued(&mut p.out);
-                p.since = None;
-                if let Some(f) = partial {
-                    p.out.push_back(f);
-                }
+        let mut released = self.handle.discard_queued();
+        if let Some(p) = self.wire.pending.as_deref_mut() {
+            let partial = if p.front_off > 0 {
+                p.out.pop_front()
+            } else {
+                None
+            };
+            p.out = VecDeque::new();
+            p.since = None;
+            released += std::mem::take(&mut p.charge);
+            if let Some(f) = partial {
+                p.out.push_back(f);
             }
-            None => self.handle.discard_queued(&mut VecDeque::new()),
         }
+        self.shared
+            .registry
+            .release(self.key, &self.handle, released);
         // Writes into `ctrl`, which cannot fail; an error only means tungstenite already
         // considers the socket closed.
         let reader = self
@@ -421,10 +447,65 @@ impl Conn {
             }),
         );
         self.phase = Phase::Closing { read };
-        // Bound the wait for the peer's reply: the keepalive sweep drops a connection silent
-        // for two ticks, and from now on nothing the peer sends counts as a sign of life.
+        // Bound the wait for the peer's reply (or, if it does not read, for our close frame
+        // to reach it): dropped at `CLOSE_TIMEOUT_MS`, whatever the keepalive clock says.
+        reader.close_by = Some(Box::pin(tokio::time::sleep(self.shared.close_timeout)));
+        // The keepalive sweep is the second bound: it drops a connection silent for two ticks,
+        // and from now on nothing the peer sends counts as a sign of life.
         let tick = self.shared.registry.tick();
         self.handle.seen(tick.wrapping_sub(1));
+    }
+
+    /// While closing: whether the peer's time to complete the close handshake is up (if not,
+    /// the deadline's timer is armed to wake the task).
+    fn close_overdue(&mut self, cx: &mut Context<'_>) -> bool {
+        if !matches!(self.phase, Phase::Closing { .. }) {
+            return false;
+        }
+        self.reader
+            .as_mut()
+            .and_then(|r| r.close_by.as_mut())
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready())
+    }
+
+    /// Ends a poll that found nothing more to do, unless the close deadline has passed: then
+    /// the socket is reset and dropped (with it the slot and whatever is still queued).
+    fn pending(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.close_overdue(cx) {
+            return Poll::Pending;
+        }
+        self.shared
+            .metrics
+            .close_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        // RST rather than FIN: a peer that does not read would otherwise keep the socket and
+        // its unsent bytes in the kernel until TCP gives up on it.
+        let _ = self.wire.sock.set_zero_linger();
+        Poll::Ready(())
+    }
+
+    /// Moves the mailbox's frames to the write queue — only once that is empty. While the
+    /// socket is backed up, frames wait in the mailbox, where more pushes do not wake the task
+    /// (a push wakes it only into an empty mailbox): a client that has stopped reading costs
+    /// a push per frame, not a task poll and a failed write per frame. Returns whether frames
+    /// were taken.
+    fn take_frames(&mut self) -> bool {
+        if self
+            .wire
+            .pending
+            .as_ref()
+            .is_some_and(|p| !p.out.is_empty())
+        {
+            return false;
+        }
+        let Some(taken) = self.handle.take_frames() else {
+            return false;
+        };
+        let p = self.wire.pending();
+        p.out = taken.frames;
+        p.since = Some(taken.born);
+        p.charge += taken.charge;
+        true
     }
 
     /// Acts on registry signals. Returns true if the socket should be dropped at once.
@@ -436,12 +517,21 @@ impl Conn {
                 .fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        if sig & signal::OVERFLOW != 0 && self.phase != (Phase::Closing { read: true }) {
-            self.shared
-                .metrics
-                .slow_consumer_closes
-                .fetch_add(1, Ordering::Relaxed);
-            self.begin_close(CloseCode::Again, "client too slow", true);
+        if sig & (signal::OVERFLOW | signal::BUDGET) != 0
+            && !matches!(self.phase, Phase::Closing { .. })
+        {
+            let m = &self.shared.metrics;
+            if sig & signal::OVERFLOW != 0 {
+                m.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
+                self.begin_close(CloseCode::Again, "client too slow", true);
+            } else {
+                m.queue_budget_closes.fetch_add(1, Ordering::Relaxed);
+                self.begin_close(
+                    CloseCode::Again,
+                    "client too slow (server queues full)",
+                    true,
+                );
+            }
         }
         if sig & signal::EXPIRED != 0 {
             self.shared
@@ -613,19 +703,21 @@ impl Future for Conn {
             return Poll::Ready(());
         }
 
+        // Whether frames may wait in the mailbox for the write queue to empty.
+        let mut waiting = false;
         match this.phase {
             Phase::Open | Phase::Draining => {
-                if let Some((frames, born)) = this.handle.take_frames() {
-                    let p = this.wire.pending();
-                    if p.out.is_empty() {
-                        p.out = frames;
-                    } else {
-                        p.out.extend(frames);
-                    }
-                    p.since.get_or_insert(born);
-                }
+                waiting = !this.take_frames()
+                    && this
+                        .wire
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| !p.out.is_empty());
             }
-            Phase::Closing { .. } => this.handle.discard_queued(&mut VecDeque::new()),
+            Phase::Closing { .. } => {
+                let charge = this.handle.discard_queued();
+                this.shared.registry.release(this.key, &this.handle, charge);
+            }
         }
 
         let mut read_paused = false;
@@ -645,6 +737,9 @@ impl Future for Conn {
         loop {
             let mut done = Written::default();
             let res = this.wire.poll_write_out(cx, &mut done);
+            this.shared
+                .registry
+                .release(this.key, &this.handle, done.released);
             if done.frames > 0 {
                 if matches!(this.phase, Phase::Open | Phase::Draining) {
                     this.handle.written(done.bytes);
@@ -663,6 +758,16 @@ impl Future for Conn {
             }
             return match res {
                 Poll::Ready(Err(_)) => Poll::Ready(()),
+                // The socket took everything: what waited in the mailbox goes next. (Frames
+                // pushed after a take woke the task: only a mailbox left alone above can hold
+                // frames nothing will wake it for.)
+                Poll::Ready(Ok(()))
+                    if std::mem::take(&mut waiting)
+                        && matches!(this.phase, Phase::Open | Phase::Draining)
+                        && this.take_frames() =>
+                {
+                    continue;
+                }
                 Poll::Ready(Ok(())) if this.phase == Phase::Draining => {
                     // Everything queued before shutdown is out: now say goodbye.
                     this.begin_close(CloseCode::Away, "server shutting down", true);
@@ -674,9 +779,9 @@ impl Future for Conn {
                 Poll::Ready(Ok(())) if read_paused => {
                     // The backlog is out and no read readiness is registered: read on.
                     cx.waker().wake_by_ref();
-                    Poll::Pending
+                    this.pending(cx)
                 }
-                _ => Poll::Pending,
+                _ => this.pending(cx),
             };
         }
     }
@@ -722,6 +827,11 @@ impl<F: Future<Output = Option<Conn>>> Future for Task<F> {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.shared.registry.unregister(self.key);
+        if let Some(p) = &self.wire.pending {
+            self.shared
+                .registry
+                .release(self.key, &self.handle, p.charge);
+        }
     }
 }
 
@@ -746,6 +856,16 @@ mod tests {
         f.extend_from_slice(&[0; 4]);
         f.extend_from_slice(payload);
         f
+    }
+
+    #[test]
+    fn idle_state_stays_small() {
+        // What every idle connection carries (BENCHMARKS.md, per-connection state): the task
+        // is a `Conn` and a tag (tokio's 256 B allocation holds it only while that stays
+        // around 120 B), and `Arc<Handle>` is in mimalloc's 112 B class while the handle is
+        // 96 B. State needed only while closing or writing belongs in `Reader`/`Outgoing`.
+        assert!(std::mem::size_of::<Conn>() <= 96);
+        assert!(std::mem::size_of::<Handle>() <= 96);
     }
 
     #[test]

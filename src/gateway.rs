@@ -25,7 +25,7 @@ use crate::config::{Config, ConfigError};
 use crate::conn::ws_config;
 use crate::history::History;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Limits, Registry};
 use crate::server::{self, Listener, Shared};
 use crate::shutdown::{self, Tracker};
 
@@ -86,7 +86,11 @@ impl Gateway {
             None => None,
         };
         let metrics = Arc::new(Metrics::default());
-        let registry = Registry::start(config.client_queue_bytes);
+        let registry = Registry::start_with(Limits {
+            client_queue: config.client_queue_bytes,
+            budget: config.client_queue_budget_bytes,
+            per_user: config.max_connections_per_user,
+        });
         let history = Arc::new(History::new(
             config.history_window(),
             config.history_max_bytes,
@@ -115,6 +119,7 @@ impl Gateway {
             max_connections: config.effective_max_connections(),
             max_header_bytes: config.max_header_bytes,
             handshake_timeout: config.handshake_timeout(),
+            close_timeout: config.close_timeout(),
             accepting: AtomicBool::new(true),
             publish_api,
             standalone: config.amqp_url.is_none(),

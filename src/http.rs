@@ -184,6 +184,7 @@ pub fn reason(status: u16) -> &'static str {
         202 => "Accepted",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Unknown",

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub messages_no_recipient: AtomicU64,
     pub messages_dead_lettered: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
+    pub queue_budget_closes: AtomicU64,
+    pub close_timeouts: AtomicU64,
     pub dead_peer_closes: AtomicU64,
     pub token_expired_closes: AtomicU64,
     pub oversized_frame_closes: AtomicU64,
@@ -27,6 +29,7 @@ pub struct Metrics {
     pub handshakes_unauthorized: AtomicU64,
     pub handshakes_bad_request: AtomicU64,
     pub handshakes_over_capacity: AtomicU64,
+    pub handshakes_user_limit: AtomicU64,
     pub handshakes_timed_out: AtomicU64,
     pub accept_errors: AtomicU64,
     pub broker_connects: AtomicU64,
@@ -48,6 +51,8 @@ pub struct Gauges {
     pub sockets: usize,
     pub ready: bool,
     pub history: crate::history::Stats,
+    /// What client queues cost the queue budget (`CLIENT_QUEUE_BUDGET_BYTES`).
+    pub queued_bytes: usize,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -73,6 +78,11 @@ impl Metrics {
             "wsnotify_sockets",
             "Accepted sockets, including handshakes in progress.",
             g.sockets as u64,
+        );
+        gauge(
+            "wsnotify_client_queue_bytes",
+            "Memory held for frames queued to clients, as counted against CLIENT_QUEUE_BUDGET_BYTES: a 32-byte slot per queued frame, plus the bytes of frames addressed to one user (a broadcast frame is shared by its recipients).",
+            g.queued_bytes as u64,
         );
         gauge(
             "wsnotify_broker_up",
@@ -167,6 +177,7 @@ impl Metrics {
             "Connections closed by the gateway, by reason.",
             &[
                 ("reason=\"slow_consumer\"", get(&self.slow_consumer_closes)),
+                ("reason=\"queue_budget\"", get(&self.queue_budget_closes)),
                 ("reason=\"dead_peer\"", get(&self.dead_peer_closes)),
                 ("reason=\"token_expired\"", get(&self.token_expired_closes)),
                 (
@@ -195,6 +206,11 @@ impl Metrics {
             &[("", get(&self.frames_replayed))],
         );
         counter(
+            "wsnotify_close_timeouts_total",
+            "Connections reset because the peer did not complete the close handshake within CLOSE_TIMEOUT_MS.",
+            &[("", get(&self.close_timeouts))],
+        );
+        counter(
             "wsnotify_client_messages_ignored_total",
             "Data messages sent by clients (the gateway is push-only and ignores them).",
             &[("", get(&self.client_messages_ignored))],
@@ -213,6 +229,7 @@ impl Metrics {
                     "result=\"over_capacity\"",
                     get(&self.handshakes_over_capacity),
                 ),
+                ("result=\"user_limit\"", get(&self.handshakes_user_limit)),
                 ("result=\"timeout\"", get(&self.handshakes_timed_out)),
             ],
         );

@@ -13,18 +13,29 @@
 //! mailboxes itself, under the lock it takes anyway to find the user; otherwise it joins the
 //! shard's queue behind what is there. Either way a user's frames reach its mailboxes in the
 //! order they were routed.
+//!
+//! Memory held for clients that read slowly is bounded twice: per connection by
+//! `CLIENT_QUEUE_BYTES` (the connection is closed with 1013 when its queue would go over), and
+//! for all connections together by `CLIENT_QUEUE_BUDGET_BYTES`: when the budget runs out, a
+//! task woken for it closes the connections holding the most first (see
+//! [`Registry::cut_largest`]). The budget counts memory, not bytes sent: a broadcast frame is
+//! one allocation shared by every recipient, so each queued copy costs one queue slot
+//! ([`SLOT_BYTES`]); a frame for one user costs its length as well ([`Sharing`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicIsize, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use slab::Slab;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::warn;
 
 use crate::envelope::Target;
 use crate::frame::Frame;
@@ -34,11 +45,21 @@ use crate::shutdown::Shutdown;
 /// Shard count: a power of two well above the core count, so connect/disconnect and fan-out
 /// rarely meet on one lock.
 pub const SHARDS: usize = 64;
+/// `Handle::queued` of a connection that is closing: above any `CLIENT_QUEUE_BYTES`, so every
+/// push is refused without a word (its close frame is queued; nothing may follow it).
+const CLOSED: u32 = 1 << 31;
 /// Deliveries buffered per shard before the consumer waits (backpressure to the broker).
 const SHARD_QUEUE: usize = 1024;
 /// Deliveries a shard task handles per lock acquisition.
 const SHARD_BATCH: usize = 64;
 const NIL: u32 = u32::MAX;
+/// What one queued frame costs the budget besides its bytes: its slot in a queue.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Bytes>();
+/// Least time between two scans for the largest queues once the budget has run out: the
+/// connections told to close need a moment to drop their queues, and a scan locks every shard.
+const BUDGET_RECHECK: Duration = Duration::from_millis(50);
+/// Most warnings about the exhausted budget per period.
+const BUDGET_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Signals from the registry to a connection's task (bits of [`Handle::signals`]).
 pub mod signal {
@@ -52,6 +73,9 @@ pub mod signal {
     pub const DEAD: u8 = 8;
     /// The token's `exp` has passed: close with 1008.
     pub const EXPIRED: u8 = 16;
+    /// The global queue budget ran out and this connection holds one of the largest queues:
+    /// close with 1013.
+    pub const BUDGET: u8 = 32;
 }
 
 /// The part of a connection the rest of the gateway can reach: its mailbox and its waker.
@@ -61,17 +85,21 @@ pub mod signal {
 #[derive(Debug)]
 pub struct Handle {
     mailbox: Mutex<Mailbox>,
-    /// Bytes pushed and not yet written to the socket (mailbox + the connection's own queue).
-    queued: AtomicUsize,
+    /// Bytes pushed and not yet written to the socket (mailbox + the connection's own queue),
+    /// held to `CLIENT_QUEUE_BYTES` (at most 1 GiB, so 32 bits hold it and a frame on top).
+    queued: AtomicU32,
+    /// What the frames the connection has taken from its mailbox, and not yet written or
+    /// dropped, cost the queue budget ([`Sharing`]); with the mailbox's own `charge`, it
+    /// ranks connections when the budget runs out. Updated by the connection when it takes
+    /// frames and gives their charge back, so a push costs no extra atomic. The two counters
+    /// take the room of one `usize`: the handle stays 96 bytes.
+    held: AtomicU32,
     waker: AtomicWaker,
     signals: AtomicU8,
     /// Keepalive clock tick at which the peer was last heard from.
     last_seen: AtomicU32,
     /// Unix seconds at which the credentials expire (`u64::MAX`: never).
     expires_at: u64,
-    /// Frames of notifications up to this sequence number are not queued: the connection
-    /// recovered them from the history (see [`crate::history`]). 0 for a fresh connection.
-    skip_upto: u64,
 }
 
 /// Frames waiting for the connection's task, and when the oldest of them entered routing
@@ -80,36 +108,72 @@ pub struct Handle {
 struct Mailbox {
     frames: VecDeque<Bytes>,
     since: u32,
+    /// What `frames` cost the queue budget (fits in what would be padding: the handle stays
+    /// 96 bytes). At most `CLIENT_QUEUE_BYTES` plus a slot per frame, so a `u32` holds it
+    /// (the configuration caps `CLIENT_QUEUE_BYTES` at 1 GiB).
+    charge: u32,
+}
+
+/// Frames taken from a mailbox by [`Handle::take_frames`].
+#[derive(Debug)]
+pub struct Taken {
+    pub frames: VecDeque<Bytes>,
+    /// When the oldest of them entered routing ([`Registry::clock`]).
+    pub born: u32,
+    /// What they cost the queue budget: the taker gives it back ([`Registry::release`]) as
+    /// they are written or dropped.
+    pub charge: usize,
+}
+
+/// Whether a frame's memory is shared by every connection it is queued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// A broadcast: one allocation for all recipients; a queued copy costs a slot.
+    Shared,
+    /// One user's frame: costs its length as well (counted for each of the user's
+    /// connections, which overstates it when the user has several).
+    Own,
+}
+
+impl Sharing {
+    /// What queuing a frame of `len` bytes costs the budget.
+    fn charge(self, len: usize) -> usize {
+        match self {
+            Sharing::Shared => SLOT_BYTES,
+            Sharing::Own => SLOT_BYTES + len,
+        }
+    }
 }
 
 impl Handle {
-    /// A connection's handle; `skip_upto` is the last notification its recovery replay holds
-    /// (0 without recovery).
-    pub fn new(expires_at: Option<u64>, skip_upto: u64) -> Self {
+    pub fn new(expires_at: Option<u64>) -> Self {
         Self {
             mailbox: Mutex::new(Mailbox::default()),
-            queued: AtomicUsize::new(0),
+            queued: AtomicU32::new(0),
+            held: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             signals: AtomicU8::new(0),
             last_seen: AtomicU32::new(0),
             expires_at: expires_at.unwrap_or(u64::MAX),
-            skip_upto,
         }
     }
 
-    /// Queues the frame of notification `seq`, which entered routing at `born`
-    /// ([`Registry::clock`]), unless that would take the queue over `limit` bytes: then the
-    /// connection is told to close with 1013 and the frame is dropped for it alone.
-    fn push(&self, frame: &Bytes, born: u32, seq: u64, limit: usize) {
-        if seq <= self.skip_upto {
-            return;
-        }
+    /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
+    /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
+    /// the frame is dropped for it alone. Returns what the frame costs the queue budget (0 if
+    /// dropped), for the caller to add to [`Registry::charge`] once per batch.
+    fn push(&self, frame: &Bytes, born: u32, limit: usize, sharing: Sharing) -> usize {
         let len = frame.len();
-        if self.queued.fetch_add(len, Ordering::AcqRel) + len > limit {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-            self.signal(signal::OVERFLOW);
-            return;
+        let len32 = len as u32;
+        let before = self.queued.fetch_add(len32, Ordering::AcqRel);
+        if before as usize + len > limit {
+            self.queued.fetch_sub(len32, Ordering::AcqRel);
+            if before < CLOSED {
+                self.signal(signal::OVERFLOW);
+            }
+            return 0;
         }
+        let charge = sharing.charge(len);
         let was_empty = {
             let mut mb = self.mailbox.lock();
             let was_empty = mb.frames.is_empty();
@@ -117,28 +181,37 @@ impl Handle {
                 mb.since = born;
             }
             mb.frames.push_back(frame.clone());
+            mb.charge = mb.charge.saturating_add(charge as u32);
             was_empty
         };
-        // The task takes the whole mailbox each time it runs, so only the first frame after
-        // that needs to wake it: a burst costs one wake-up, not one per frame.
+        // The task takes the whole mailbox whenever its socket has taken everything before,
+        // so only the first frame after that needs to wake it: a burst costs one wake-up, not
+        // one per frame, and a client that stopped reading costs none.
         if was_empty {
             self.waker.wake();
         }
+        charge
     }
 
-    /// Puts `frames` (a recovery: its status frame, then the missed notifications) in front of
-    /// whatever live frames are already queued. Called before the connection's task runs.
-    pub fn prepend(&self, frames: Vec<Bytes>, born: u32) {
+    /// Puts `frames` in front of whatever live frames are already queued; returns what they
+    /// cost the queue budget. See [`Registry::prepend`].
+    fn prepend(&self, frames: Vec<Bytes>, born: u32) -> usize {
         let len: usize = frames.iter().map(Bytes::len).sum();
-        self.queued.fetch_add(len, Ordering::AcqRel);
+        let charge: usize = frames.iter().map(|f| Sharing::Own.charge(f.len())).sum();
+        self.queued
+            .fetch_add(u32::try_from(len).unwrap_or(u32::MAX), Ordering::AcqRel);
         {
             let mut mb = self.mailbox.lock();
             for f in frames.into_iter().rev() {
                 mb.frames.push_front(f);
             }
             mb.since = born;
+            mb.charge = mb
+                .charge
+                .saturating_add(u32::try_from(charge).unwrap_or(u32::MAX));
         }
         self.waker.wake();
+        charge
     }
 
     pub fn signal(&self, bits: u8) {
@@ -155,26 +228,44 @@ impl Handle {
         self.waker.register(waker);
     }
 
-    /// Takes every queued frame (the queue itself, no copying), with when the oldest of them
-    /// entered routing ([`Registry::clock`]); `None` if there are none.
-    pub fn take_frames(&self) -> Option<(VecDeque<Bytes>, u32)> {
+    /// Takes every queued frame (the queue itself, no copying); `None` if there are none.
+    pub fn take_frames(&self) -> Option<Taken> {
         let mut mb = self.mailbox.lock();
         if mb.frames.is_empty() {
             return None;
         }
-        Some((std::mem::take(&mut mb.frames), mb.since))
+        let charge = std::mem::take(&mut mb.charge);
+        self.held.fetch_add(charge, Ordering::Relaxed);
+        Some(Taken {
+            frames: std::mem::take(&mut mb.frames),
+            born: mb.since,
+            charge: charge as usize,
+        })
     }
 
-    /// Drops everything queued (slow consumer being closed).
-    pub fn discard_queued(&self, out: &mut VecDeque<Bytes>) {
-        self.mailbox.lock().frames = VecDeque::new();
-        *out = VecDeque::new();
-        self.queued.store(0, Ordering::Release);
+    /// The connection is closing: drops everything in the mailbox, and refuses every frame
+    /// from now on (they could not follow its close frame, and they would count against the
+    /// budget while the peer takes its time to answer). Returns the dropped frames' charge
+    /// for [`Registry::release`].
+    pub fn discard_queued(&self) -> usize {
+        self.queued.store(CLOSED, Ordering::Release);
+        let mut mb = self.mailbox.lock();
+        mb.frames = VecDeque::new();
+        let charge = std::mem::take(&mut mb.charge);
+        // Counted as taken, so that one `Registry::release` gives back all of it.
+        self.held.fetch_add(charge, Ordering::Relaxed);
+        charge as usize
+    }
+
+    /// What this connection's queue costs the budget now.
+    fn charge(&self) -> usize {
+        let in_mailbox = self.mailbox.lock().charge;
+        (self.held.load(Ordering::Relaxed) as usize) + in_mailbox as usize
     }
 
     /// Records `bytes` as written to the socket.
     pub fn written(&self, bytes: usize) {
-        self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        self.queued.fetch_sub(bytes as u32, Ordering::AcqRel);
     }
 
     pub fn seen(&self, tick: u32) {
@@ -212,6 +303,9 @@ struct Entry {
     user: Arc<str>,
     prev: u32,
     next: u32,
+    /// Notifications up to this sequence number are not queued for this connection: its
+    /// recovery replay holds them (see [`crate::history`]). 0 without recovery.
+    covered: u64,
 }
 
 #[derive(Default)]
@@ -227,6 +321,11 @@ struct Shard {
     /// Deliveries sent to the shard's task and not yet pushed to mailboxes. Read under the
     /// state lock; the task lowers it under that lock once a batch is pushed.
     queued: AtomicUsize,
+    /// What the queues of this shard's connections cost the budget ([`Sharing`]): one
+    /// counter per shard, like the histogram, so that connections writing on different
+    /// threads do not all update one. Briefly below zero when a frame is written before its
+    /// batch is charged.
+    charge: AtomicIsize,
     /// Delivery latency of this shard's connections (one histogram per shard keeps the
     /// counters of connections on different threads apart).
     latency: LatencyHistogram,
@@ -265,6 +364,24 @@ pub struct Registry {
     /// Keepalive clock: one tick per ping interval.
     tick: AtomicU32,
     queue_limit: usize,
+    /// `CLIENT_QUEUE_BUDGET_BYTES`.
+    budget: isize,
+    /// Wakes [`enforce_budget`] when the shards' charges add up to more than `budget`.
+    over_budget: Notify,
+    /// `MAX_CONNECTIONS_PER_USER` (0: no limit).
+    per_user: usize,
+}
+
+/// The bounds a [`Registry`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `CLIENT_QUEUE_BYTES`: bytes queued for one connection before it is closed with 1013.
+    pub client_queue: usize,
+    /// `CLIENT_QUEUE_BUDGET_BYTES`: what all client queues may cost together before the
+    /// connections with the largest are closed with 1013.
+    pub budget: usize,
+    /// `MAX_CONNECTIONS_PER_USER`: connections one user may hold (0: no limit).
+    pub per_user: usize,
 }
 
 /// What became of a routed message.
@@ -278,12 +395,27 @@ pub enum Outcome {
 
 /// Why a connection could not be registered.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Closing;
+pub enum Refused {
+    /// Shutdown has begun.
+    Closing,
+    /// The user already holds `MAX_CONNECTIONS_PER_USER` connections.
+    UserLimit,
+}
 
 impl Registry {
-    /// Builds the registry and starts one dispatch task per shard. Must run inside a tokio
-    /// runtime.
+    /// A registry with only a per-connection queue limit (no budget, no per-user limit), for
+    /// tests and benches. Must run inside a tokio runtime.
     pub fn start(queue_limit: usize) -> Arc<Registry> {
+        Registry::start_with(Limits {
+            client_queue: queue_limit,
+            budget: usize::MAX,
+            per_user: 0,
+        })
+    }
+
+    /// Builds the registry and starts one dispatch task per shard, and the task that enforces
+    /// the queue budget. Must run inside a tokio runtime.
+    pub fn start_with(limits: Limits) -> Arc<Registry> {
         let mut shards = Vec::with_capacity(SHARDS);
         let mut receivers = Vec::with_capacity(SHARDS);
         for _ in 0..SHARDS {
@@ -292,6 +424,7 @@ impl Registry {
                 state: Mutex::new(ShardState::default()),
                 tx,
                 queued: AtomicUsize::new(0),
+                charge: AtomicIsize::new(0),
                 latency: LatencyHistogram::default(),
             });
             receivers.push(rx);
@@ -304,11 +437,15 @@ impl Registry {
             users: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             tick: AtomicU32::new(0),
-            queue_limit,
+            queue_limit: limits.client_queue,
+            budget: isize::try_from(limits.budget).unwrap_or(isize::MAX),
+            over_budget: Notify::new(),
+            per_user: limits.per_user,
         });
         for (i, rx) in receivers.into_iter().enumerate() {
             tokio::spawn(dispatch(registry.clone(), i, rx));
         }
+        tokio::spawn(enforce_budget(registry.clone()));
         registry
     }
 
@@ -327,6 +464,83 @@ impl Registry {
     /// Bytes a connection's queue may hold (`CLIENT_QUEUE_BYTES`).
     pub fn queue_limit(&self) -> usize {
         self.queue_limit
+    }
+
+    /// Queues a recovering connection's first frames (its recovery status, then the missed
+    /// notifications, built for it alone) in front of whatever live frames reached it since it
+    /// was registered. Called before its task runs; the caller keeps them within
+    /// [`Registry::queue_limit`].
+    pub fn prepend(&self, at: ConnKey, handle: &Handle, frames: Vec<Bytes>) {
+        let charge = handle.prepend(frames, self.clock());
+        self.charge(usize::from(at.shard), charge);
+    }
+
+    /// What all client queues cost the budget now (see [`Sharing`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.used().max(0) as usize
+    }
+
+    fn used(&self) -> isize {
+        self.shards
+            .iter()
+            .map(|s| s.charge.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Adds what frames just queued for connections of `shard` cost; wakes the budget's
+    /// enforcer if it ran out. The shards are added up only when this one holds more than its
+    /// share of the budget: while none does, the total cannot be over it.
+    fn charge(&self, shard: usize, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let bytes = bytes as isize;
+        let here = self.shards[shard].charge.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if here > self.budget / SHARDS as isize && self.used() > self.budget {
+            self.over_budget.notify_one();
+        }
+    }
+
+    /// Gives back the charge of frames written to a socket or dropped by the connection at
+    /// `at` ([`Taken::charge`], [`Handle::discard_queued`]).
+    pub fn release(&self, at: ConnKey, handle: &Handle, bytes: usize) {
+        if bytes > 0 {
+            handle.held.fetch_sub(bytes as u32, Ordering::Relaxed);
+            self.shards[usize::from(at.shard)]
+                .charge
+                .fetch_sub(bytes as isize, Ordering::AcqRel);
+        }
+    }
+
+    /// When the budget has run out, tells the connections whose queues cost the most to close
+    /// with 1013, largest first, until what they hold would bring the total down to 7/8 of
+    /// the budget (so that one cut is not followed at once by the next). Returns how many
+    /// were told.
+    pub fn cut_largest(&self) -> usize {
+        let used = self.used();
+        if used <= self.budget {
+            return 0;
+        }
+        let target = (used - self.budget + self.budget / 8) as usize;
+        let mut holders: Vec<(usize, Arc<Handle>)> = Vec::new();
+        self.for_each(|e| {
+            let c = e.handle.charge();
+            if c > 0 {
+                holders.push((c, e.handle.clone()));
+            }
+        });
+        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        let mut freed = 0;
+        let mut cut = 0;
+        for (charge, h) in holders {
+            if freed >= target {
+                break;
+            }
+            h.signal(signal::BUDGET);
+            freed += charge;
+            cut += 1;
+        }
+        cut
     }
 
     /// Current keepalive tick.
@@ -387,20 +601,44 @@ impl Registry {
     }
 
     /// Adds a connection for `user`. Refused once shutdown has begun, so a handshake that
-    /// finishes during shutdown cannot slip past [`Registry::close_all`].
-    pub fn register(&self, user: Arc<str>, handle: Arc<Handle>) -> Result<ConnKey, Closing> {
+    /// finishes during shutdown cannot slip past [`Registry::close_all`], and when the user
+    /// already holds `MAX_CONNECTIONS_PER_USER` connections.
+    pub fn register(&self, user: Arc<str>, handle: Arc<Handle>) -> Result<ConnKey, Refused> {
+        self.register_recovering(user, handle, 0)
+    }
+
+    /// [`Registry::register`] for a connection whose recovery replay holds every notification
+    /// up to sequence number `covered`: their live frames are not queued for it.
+    pub fn register_recovering(
+        &self,
+        user: Arc<str>,
+        handle: Arc<Handle>,
+        covered: u64,
+    ) -> Result<ConnKey, Refused> {
         let shard_idx = self.shard_of(&user);
         let mut st = self.shards[shard_idx].state.lock();
         if self.closing.load(Ordering::Acquire) {
-            return Err(Closing);
+            return Err(Refused::Closing);
+        }
+        let head = st.users.get(&*user).copied();
+        if self.per_user > 0 {
+            // Walks at most `per_user` entries of the user's list.
+            let (mut held, mut key) = (0, head.unwrap_or(NIL));
+            while key != NIL {
+                held += 1;
+                if held >= self.per_user {
+                    return Err(Refused::UserLimit);
+                }
+                key = st.conns[key as usize].next;
+            }
         }
         handle.seen(self.tick());
-        let head = st.users.get(&*user).copied();
         let key = st.conns.insert(Entry {
             handle,
             user: user.clone(),
             prev: NIL,
             next: head.unwrap_or(NIL),
+            covered,
         });
         let key = key as u32;
         match head {
@@ -429,6 +667,8 @@ impl Registry {
         let Some(entry) = st.conns.try_remove(at.key as usize) else {
             return;
         };
+        // Nothing is pushed to it any more: give back what its mailbox still holds.
+        self.release(at, &entry.handle, entry.handle.discard_queued());
         if entry.prev != NIL {
             st.conns[entry.prev as usize].next = entry.next;
         }
@@ -489,7 +729,8 @@ impl Registry {
     /// when nothing is queued for its shard, else through the shard's queue (waiting only if
     /// that is full). Returns whether the user is connected.
     async fn to_user(&self, user: &str, n: &Notification, born: u32, seq: u64) -> bool {
-        let shard = &self.shards[self.shard_of(user)];
+        let idx = self.shard_of(user);
+        let shard = &self.shards[idx];
         let frame = {
             let st = shard.state.lock();
             let Some(&head) = st.users.get(user) else {
@@ -497,7 +738,9 @@ impl Registry {
             };
             let frame = n.frame(Some(user));
             if shard.queued.load(Ordering::Acquire) == 0 {
-                self.push_to_user(&st, head, frame.wire(), born, seq);
+                let charge = self.push_to_user(&st, head, frame.wire(), born, seq);
+                drop(st);
+                self.charge(idx, charge);
                 return true;
             }
             frame
@@ -512,14 +755,26 @@ impl Registry {
         true
     }
 
-    /// Pushes `frame` to every connection in the user list starting at `head`.
-    fn push_to_user(&self, st: &ShardState, head: u32, frame: &Bytes, born: u32, seq: u64) {
+    /// Pushes `frame` to every connection in the user list starting at `head`; returns what
+    /// that costs the budget.
+    fn push_to_user(
+        &self,
+        st: &ShardState,
+        head: u32,
+        frame: &Bytes,
+        born: u32,
+        seq: u64,
+    ) -> usize {
         let mut key = head;
+        let mut charge = 0;
         while key != NIL {
             let e = &st.conns[key as usize];
-            e.handle.push(frame, born, seq, self.queue_limit);
+            if seq > e.covered {
+                charge += e.handle.push(frame, born, self.queue_limit, Sharing::Own);
+            }
             key = e.next;
         }
+        charge
     }
 
     /// Hands `frame` to every shard.
@@ -605,6 +860,34 @@ impl Registry {
     }
 }
 
+/// Closes the connections with the largest queues while the queue budget is exceeded: woken
+/// by [`Registry::charge`], at most one scan per [`BUDGET_RECHECK`], and scanning again after
+/// that as long as the budget is still exceeded (a scan's estimate can fall short when the
+/// connections it told are slow to drop their queues).
+async fn enforce_budget(registry: Arc<Registry>) {
+    let mut logged: Option<Instant> = None;
+    loop {
+        registry.over_budget.notified().await;
+        loop {
+            let used = registry.queued_bytes();
+            let cut = registry.cut_largest();
+            if cut > 0 && logged.is_none_or(|t| t.elapsed() >= BUDGET_LOG_EVERY) {
+                logged = Some(Instant::now());
+                warn!(
+                    queued_bytes = used,
+                    budget = registry.budget,
+                    closed = cut,
+                    "client queue budget (CLIENT_QUEUE_BUDGET_BYTES) exhausted: closing the connections with the most bytes queued (1013)"
+                );
+            }
+            tokio::time::sleep(BUDGET_RECHECK).await;
+            if cut == 0 || registry.queued_bytes() as isize <= registry.budget {
+                break;
+            }
+        }
+    }
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -619,6 +902,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
     let shard = &registry.shards[idx];
     while rx.recv_many(&mut batch, SHARD_BATCH).await > 0 {
         let mut barriers = Vec::new();
+        let mut charge = 0;
         {
             let st = shard.state.lock();
             let n = batch.len();
@@ -631,12 +915,14 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
                         seq,
                     } => {
                         if let Some(&head) = st.users.get(&*user) {
-                            registry.push_to_user(&st, head, &frame, born, seq);
+                            charge += registry.push_to_user(&st, head, &frame, born, seq);
                         }
                     }
                     Delivery::Broadcast { frame, born, seq } => {
                         for (_, e) in st.conns.iter() {
-                            e.handle.push(&frame, born, seq, limit);
+                            if seq > e.covered {
+                                charge += e.handle.push(&frame, born, limit, Sharing::Shared);
+                            }
                         }
                     }
                     Delivery::Barrier(done) => barriers.push(done),
@@ -644,6 +930,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
             }
             shard.queued.fetch_sub(n, Ordering::AcqRel);
         }
+        registry.charge(idx, charge);
         for done in barriers {
             let _ = done.send(());
         }
@@ -657,7 +944,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
 mod tests {
     use super::*;
 
-    fn notification(target: Target<'static>, data: &'static [u8]) -> Notification {
+    fn notification(target: Target<'static>, data: &[u8]) -> Notification {
         let mut tail = br#","timestamp":"2026-11-26T10:00:00.000Z","data":"#.to_vec();
         tail.extend_from_slice(data);
         tail.push(b'}');
@@ -677,7 +964,7 @@ mod tests {
         let registry = Registry::start(1 << 20);
         let handles: Vec<_> = (0..100)
             .map(|i| {
-                let h = Arc::new(Handle::new(None, 0));
+                let h = Arc::new(Handle::new(None));
                 let key = registry
                     .register(Arc::from(format!("u{}", i % 50)), h.clone())
                     .expect("open");
@@ -694,10 +981,10 @@ mod tests {
         );
         registry.flush().await;
         for (i, (h, key)) in handles.iter().enumerate() {
-            let (out, born) = h.take_frames().expect("frames queued");
+            let taken = h.take_frames().expect("frames queued");
             let want = if i % 50 == 7 { 2 } else { 1 };
-            assert_eq!(out.len(), want, "connection {i}");
-            registry.record_delivery(*key, born);
+            assert_eq!(taken.frames.len(), want, "connection {i}");
+            registry.record_delivery(*key, taken.born);
         }
         let mut text = String::new();
         registry.render_metrics(&mut text);
@@ -717,20 +1004,20 @@ mod tests {
     #[tokio::test]
     async fn user_frames_skip_the_shard_queue_only_when_it_is_empty() {
         let registry = Registry::start(1 << 20);
-        let h = Arc::new(Handle::new(None, 0));
+        let h = Arc::new(Handle::new(None));
         registry.register(Arc::from("u"), h.clone()).expect("open");
         let one = notification(Target::User("u".into()), b"1");
         let two = notification(Target::User("u".into()), b"2");
         // Nothing queued: the frame is in the mailbox as soon as route returns.
         registry.route(&one, 1).await;
-        assert_eq!(h.take_frames().expect("queued").0.len(), 1);
+        assert_eq!(h.take_frames().expect("queued").frames.len(), 1);
         // A broadcast still queued for the shard: the user's frame queues behind it.
         registry
             .route(&notification(Target::Broadcast, b"1"), 2)
             .await;
         registry.route(&two, 3).await;
         registry.flush().await;
-        let (out, _) = h.take_frames().expect("queued");
+        let out = h.take_frames().expect("queued").frames;
         let data: Vec<bool> = out.iter().map(|f| f.ends_with(b"\"data\":1}")).collect();
         assert_eq!(
             data,
@@ -748,8 +1035,10 @@ mod tests {
     #[tokio::test]
     async fn a_recovering_connection_skips_what_its_replay_holds() {
         let registry = Registry::start(1 << 20);
-        let h = Arc::new(Handle::new(None, 5));
-        registry.register(Arc::from("u"), h.clone()).expect("open");
+        let h = Arc::new(Handle::new(None));
+        let key = registry
+            .register_recovering(Arc::from("u"), h.clone(), 5)
+            .expect("open");
         for seq in [4, 5, 6] {
             registry
                 .route(&notification(Target::User("u".into()), b"1"), seq)
@@ -759,10 +1048,77 @@ mod tests {
             .route(&notification(Target::Broadcast, b"2"), 7)
             .await;
         registry.flush().await;
-        h.prepend(vec![bytes::Bytes::from_static(b"replay")], 0);
-        let (out, _) = h.take_frames().expect("queued");
+        registry.prepend(key, &h, vec![bytes::Bytes::from_static(b"replay")]);
+        let out = h.take_frames().expect("queued").frames;
         assert_eq!(out.len(), 3, "the replay, then 6 and 7");
         assert_eq!(&out[0][..], b"replay");
+    }
+
+    #[tokio::test]
+    async fn per_user_limit() {
+        let registry = Registry::start_with(Limits {
+            client_queue: 1 << 20,
+            budget: usize::MAX,
+            per_user: 2,
+        });
+        let reg = |u: &str| registry.register(Arc::from(u), Arc::new(Handle::new(None)));
+        let first = reg("u").expect("first");
+        reg("u").expect("second");
+        assert_eq!(reg("u").err(), Some(Refused::UserLimit));
+        reg("v").expect("another user is not affected");
+        registry.unregister(first);
+        reg("u").expect("a freed slot is reused");
+    }
+
+    #[tokio::test]
+    async fn the_budget_counts_memory_and_cuts_the_largest_queues_first() {
+        let registry = Registry::start_with(Limits {
+            client_queue: 1 << 20,
+            budget: 900_000,
+            per_user: 0,
+        });
+        let handles: Vec<_> = ["big", "small", "idle"]
+            .iter()
+            .map(|u| {
+                let h = Arc::new(Handle::new(None));
+                let key = registry.register(Arc::from(*u), h.clone()).expect("open");
+                (h, key)
+            })
+            .collect();
+        let data = vec![b'1'; 100_000];
+        let to = |target| notification(target, &data);
+        let len = |u| to(Target::Broadcast).frame(Some(u)).len() + SLOT_BYTES;
+        // A broadcast costs a slot per connection, not its length.
+        registry.route(&to(Target::Broadcast), 1).await;
+        registry.flush().await;
+        assert_eq!(registry.queued_bytes(), 3 * SLOT_BYTES);
+        // Frames for one user cost their length: 8 + 2 of them take the total over budget.
+        for seq in 2..10 {
+            registry.route(&to(Target::User("big".into())), seq).await;
+        }
+        for seq in 10..12 {
+            registry.route(&to(Target::User("small".into())), seq).await;
+        }
+        registry.flush().await;
+        assert_eq!(
+            registry.queued_bytes(),
+            3 * SLOT_BYTES + 8 * len("big") + 2 * len("small")
+        );
+        registry.cut_largest();
+        let sig: Vec<u8> = handles.iter().map(|(h, _)| h.take_signals()).collect();
+        assert_eq!(
+            sig.iter()
+                .map(|s| s & signal::BUDGET != 0)
+                .collect::<Vec<_>>(),
+            [true, false, false],
+            "freeing `big` is enough to get back under 7/8 of the budget"
+        );
+        // Taking frames hands their charge to the taker; giving it back empties the count.
+        for (h, key) in &handles {
+            let taken = h.take_frames().expect("queued");
+            registry.release(*key, h, taken.charge);
+        }
+        assert_eq!(registry.queued_bytes(), 0);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::frame::FrameBuf;
 use crate::history::{self, History};
 use crate::http::{self, Head, HeadError, Response};
 use crate::metrics::{Gauges, Metrics, inc};
-use crate::registry::{Handle, Registry};
+use crate::registry::{ConnKey, Handle, Refused, Registry};
 use crate::shutdown::{Shutdown, Slot, Tracker};
 
 /// Longest `since` a client may send (contract §5); longer, or empty, gets 400.
@@ -57,6 +57,8 @@ pub struct Shared {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub handshake_timeout: Duration,
+    /// How long a peer has to answer our close frame (`CLOSE_TIMEOUT_MS`).
+    pub close_timeout: Duration,
     /// False once shutdown has begun.
     pub accepting: AtomicBool,
     /// `POST /api/publish`, when a key is configured.
@@ -86,6 +88,7 @@ impl Shared {
             sockets: self.tracker.open(),
             ready: self.ready(),
             history: self.history.stats(crate::amqp::log::unix_ms()),
+            queued_bytes: self.registry.queued_bytes(),
         }
     }
 }
@@ -368,10 +371,11 @@ async fn upgrade(
     // registration happens under the history's lock (see `history`), and the replay goes in
     // front of whatever live frames arrive meanwhile.
     let register = |covered| {
-        let handle = Arc::new(Handle::new(identity.expires_at, covered));
-        let key = shared
-            .registry
-            .register(identity.user.clone(), handle.clone());
+        let handle = Arc::new(Handle::new(identity.expires_at));
+        let key =
+            shared
+                .registry
+                .register_recovering(identity.user.clone(), handle.clone(), covered);
         key.map(|key| (handle, key))
     };
     let (registered, replay) = match &since {
@@ -386,11 +390,19 @@ async fn upgrade(
             (r, Some(replay))
         }
     };
-    let Ok((handle, key)) = registered else {
-        return answer(&mut sock, Response::text(503, "shutting down\n")).await;
+    let (handle, key) = match registered {
+        Ok(registered) => registered,
+        Err(Refused::Closing) => {
+            return answer(&mut sock, Response::text(503, "shutting down\n")).await;
+        }
+        Err(Refused::UserLimit) => {
+            inc(&m.handshakes_user_limit);
+            let r = Response::text(429, "too many connections for this user\n");
+            return answer(&mut sock, r).await;
+        }
     };
     if let (Some(since), Some(replay)) = (&since, replay) {
-        recover(shared, &handle, &identity.user, since, replay);
+        recover(shared, &handle, key, &identity.user, since, replay);
     }
     let accept =
         tungstenite::handshake::derive_accept_key(head.ws_key.as_deref().unwrap_or("").as_bytes());
@@ -414,7 +426,14 @@ async fn upgrade(
 
 /// Queues a recovering connection's first frames: the `wsnotify.recovery` status, then the
 /// missed notifications exactly as first sent (contract §5).
-fn recover(shared: &Shared, handle: &Handle, user: &str, since: &str, replay: history::Replay) {
+fn recover(
+    shared: &Shared,
+    handle: &Handle,
+    at: ConnKey,
+    user: &str,
+    since: &str,
+    replay: history::Replay,
+) {
     let m = &shared.metrics;
     inc(match replay.outcome {
         history::Outcome::Recovered => &m.recoveries_recovered,
@@ -437,7 +456,7 @@ fn recover(shared: &Shared, handle: &Handle, user: &str, since: &str, replay: hi
     }
     m.frames_replayed
         .fetch_add(missed as u64, Ordering::Relaxed);
-    handle.prepend(frames, shared.registry.clock());
+    shared.registry.prepend(at, handle, frames);
 }
 
 /// The percent-decoded value of `name` in a query string, if present.

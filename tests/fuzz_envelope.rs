@@ -556,9 +556,10 @@ fn model(v: &Value, body_len: usize, max: usize) -> Result<Model, ()> {
         None => None,
         Some(Value::Array(list)) if !list.is_empty() => {
             let mut out: Vec<String> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for u in list {
                 let u = text(u, 128)?;
-                if !out.contains(&u) {
+                if seen.insert(u.clone()) {
                     out.push(u);
                 }
             }
@@ -698,6 +699,61 @@ fn mutated_envelopes_never_panic_and_frames_stay_valid_json() {
             })
             .unwrap();
         tally.report("mutated envelopes");
+    });
+}
+
+/// Long `user_ids` lists (up to 10,000 entries, many repeated, some written with escapes):
+/// each recipient gets one frame, in first-seen order. The gateway drops repeats in linear
+/// time (a 64 KiB body holds ~10,000 ids; comparing each with all before it was quadratic
+/// work on the ingest task); `benches/envelope.rs` times it.
+#[test]
+fn long_user_id_lists_are_deduplicated_in_first_seen_order() {
+    big_stack(|| {
+        let tally = Tally::default();
+        // Each case builds and checks up to 10,000 frames.
+        let mut config = TestRunner::new(PtConfig {
+            cases: (cases() / 20).max(10),
+            failure_persistence: None,
+            max_shrink_iters: 200,
+            ..PtConfig::default()
+        });
+        let lists = (1usize..=10_000, 1u32..=10_000).prop_flat_map(|(len, distinct)| {
+            proptest::collection::vec((0..distinct, any::<bool>()), len)
+        });
+        config
+            .run(&lists, |picks| {
+                // Escaped ids ("\u0075…" is "u…") reach the gateway as owned strings, plain
+                // ones as borrowed: the two must compare equal.
+                let listed: Vec<String> = picks
+                    .iter()
+                    .map(|(i, escaped)| {
+                        if *escaped {
+                            format!("\"\\u0075{i}\"")
+                        } else {
+                            format!("\"u{i}\"")
+                        }
+                    })
+                    .collect();
+                let body = format!(
+                    r#"{{"type":"websocket_notification","payload":{{"message_type":"m","user_ids":[{}]}}}}"#,
+                    listed.join(",")
+                );
+                let v: Value = serde_json::from_str(&body).unwrap();
+                let want = model(&v, body.len(), 1 << 20).map_err(|()| fail("model".into()))?;
+                match check(body.as_bytes(), 1 << 20, &tally)? {
+                    Ending::Accepted { recipients, .. } if recipients == want.1 => {}
+                    other => {
+                        return Err(fail(format!(
+                            "{} ids ({} distinct): {other:?}",
+                            picks.len(),
+                            want.1.len()
+                        )));
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        tally.report("long user_ids lists");
     });
 }
 

@@ -133,6 +133,49 @@ async fn max_connections_refuses_extra_sockets_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_per_user_refuses_the_next_with_429() {
+    let q = unique("peruser");
+    let mut broker = Broker::connect().await;
+    broker.declare(&q).await;
+    let gw = Gateway::start(&q, &[("MAX_CONNECTIONS_PER_USER", "3")]).await;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        tabs.push(gw.connect_user("a").await);
+    }
+    let resp = http_raw(
+        gw.addr,
+        &format!("GET /ws?user_id=a HTTP/1.1\r\nHost: x\r\n{UPGRADE}\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 429 "), "{resp}");
+    assert!(
+        resp.ends_with("too many connections for this user\n"),
+        "{resp}"
+    );
+    assert_eq!(
+        gw.metric("wsnotify_handshakes_total{result=\"user_limit\"}")
+            .await,
+        1
+    );
+    // Other users are not affected, and the user's three tabs keep receiving.
+    let mut b = gw.connect_user("b").await;
+    broker
+        .publish_json(&q, &to_user("a", "m", serde_json::json!(1)))
+        .await;
+    broker
+        .publish_json(&q, &to_user("b", "m", serde_json::json!(2)))
+        .await;
+    for tab in tabs.iter_mut() {
+        assert_eq!(next_frame(tab).await["data"], 1);
+    }
+    assert_eq!(next_frame(&mut b).await["data"], 2);
+    // A closed tab frees its place.
+    drop(tabs.pop());
+    gw.wait_metric("wsnotify_connections", 3).await;
+    assert_eq!(connect_status(&gw.ws_url("user_id=a"), &[]).await, 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_while_the_broker_is_unreachable() {
     let q = unique("noready");
     let gw = Gateway::spawn(&q, &[("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")]).await;
@@ -186,6 +229,22 @@ async fn bad_configuration_stops_start_up_with_one_line_naming_the_variable() {
         ),
         (vec![("AMQP_URL", "http://localhost")], "AMQP_URL"),
         (vec![("CLIENT_QUEUE_BYTES", "10")], "CLIENT_QUEUE_BYTES"),
+        (
+            vec![("CLIENT_QUEUE_BYTES", "2000000000")],
+            "CLIENT_QUEUE_BYTES",
+        ),
+        (
+            vec![
+                ("CLIENT_QUEUE_BYTES", "1048576"),
+                ("CLIENT_QUEUE_BUDGET_BYTES", "1000000"),
+            ],
+            "CLIENT_QUEUE_BUDGET_BYTES",
+        ),
+        (vec![("CLOSE_TIMEOUT_MS", "0")], "CLOSE_TIMEOUT_MS"),
+        (
+            vec![("MAX_CONNECTIONS_PER_USER", "-1")],
+            "MAX_CONNECTIONS_PER_USER",
+        ),
         (vec![("MAX_CONNECTIONS", "0")], "MAX_CONNECTIONS"),
         (vec![("NOTIFY_QUEUE", "")], "NOTIFY_QUEUE"),
     ];
@@ -222,6 +281,10 @@ async fn help_lists_every_variable() {
         "JWT_ISSUER",
         "JWT_AUDIENCE",
         "MAX_CONNECTIONS",
+        "MAX_CONNECTIONS_PER_USER",
+        "CLIENT_QUEUE_BYTES",
+        "CLIENT_QUEUE_BUDGET_BYTES",
+        "CLOSE_TIMEOUT_MS",
     ] {
         assert!(
             help.contains(&format!("[env: {var}")),

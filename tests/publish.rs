@@ -168,6 +168,44 @@ async fn cli_publishes_user_users_broadcast_and_bulk_stdin() {
     assert!(err.contains("cannot reach RabbitMQ"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_stdin_publishes_each_line_as_it_arrives() {
+    let q = unique("pubstream");
+    let mut broker = Broker::connect().await;
+    broker.declare(&q).await;
+    let gw = Gateway::start(&q, &[]).await;
+    let mut a = gw.connect_user("a").await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsnotify"))
+        .args(["publish", "--stdin"])
+        .env_clear()
+        .env("AMQP_URL", AMQP_URL)
+        .env("NOTIFY_QUEUE", &q)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    // Each line reaches the user while standard input is still open: nothing waits for the
+    // end of the input (a large file starts at once, and memory stays flat).
+    for i in 0..3 {
+        let line = format!("{{\"user_id\":\"a\",\"message_type\":\"live\",\"data\":{i}}}\n");
+        input.write_all(line.as_bytes()).await.unwrap();
+        assert_eq!(next_frame(&mut a).await["data"], json!(i));
+    }
+    // A bad line stops the stream and says how far it got; what came before is confirmed.
+    input.write_all(b"{not json\n").await.unwrap();
+    drop(input);
+    let out = within("wsnotify publish", child.wait_with_output())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("line 4: not JSON"), "{err}");
+    assert!(err.contains("3 published before it, 3 confirmed"), "{err}");
+}
+
 /// `POST /api/publish` with `body`, `Authorization: Bearer <key>` if given.
 async fn post(gw: &Gateway, key: Option<&str>, body: &str) -> (u16, serde_json::Value) {
     let auth = key

@@ -307,3 +307,78 @@ async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
     assert_eq!(gw.metric("wsnotify_connections").await, 3, "clients kept");
     assert_eq!(broker.count(&q).await, 0);
 }
+
+/// The soft and hard open-file limits in `/proc/<pid>/limits`.
+fn nofile_limits(pid: i32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (v[0], v[1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_when_max_connections_is_set() {
+    const SOFT: u64 = 1024;
+    const CONNECTIONS: usize = 1_100;
+    let q = unique("nofile");
+    let mut broker = Broker::connect().await;
+    broker.declare(&q).await;
+    let hard = nofile_limits(std::process::id() as i32).1;
+    assert!(
+        hard > 1_300,
+        "the test needs a hard nofile limit above 1300, not {hard}"
+    );
+    // Started as a container with `nofile=1024:<hard>` would start it.
+    let gw = Gateway::spawn_with(
+        &q,
+        &[("AMQP_URL", AMQP_URL), ("MAX_CONNECTIONS", "5000")],
+        |cmd| {
+            // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: SOFT,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    )
+    .await;
+    gw.wait_ready().await;
+    assert_eq!(
+        nofile_limits(gw.pid()),
+        (hard, hard),
+        "the soft limit is raised to the hard one"
+    );
+    // And it is used: more connections than the old soft limit would have allowed.
+    let mut held = Vec::with_capacity(CONNECTIONS);
+    for chunk in (0..CONNECTIONS).collect::<Vec<_>>().chunks(50) {
+        let batch = futures_util::future::join_all(
+            chunk
+                .iter()
+                .map(|i| async move { try_upgrade(gw.addr, &format!("n{i}")).await }),
+        )
+        .await;
+        for r in batch {
+            held.push(r.expect("101 beyond 1,024 descriptors"));
+        }
+    }
+    gw.wait_metric("wsnotify_connections", CONNECTIONS as u64)
+        .await;
+    eprintln!(
+        "nofile: started with {SOFT}:{hard}, running with {:?}; {CONNECTIONS} connections held, {} descriptors open",
+        nofile_limits(gw.pid()),
+        open_fds(gw.pid())
+    );
+}

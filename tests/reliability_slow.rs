@@ -78,6 +78,9 @@ async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() 
         &[
             ("MAX_MESSAGE_BYTES", "4096"),
             ("CLIENT_QUEUE_BYTES", &queue_bytes),
+            // The slow clients read their close only after the stream: keep their sockets
+            // until then (tests/backpressure.rs covers the reset of clients that never do).
+            ("CLOSE_TIMEOUT_MS", "60000"),
         ],
     )
     .await;
@@ -144,7 +147,7 @@ async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() 
     let n_c = tail.await.unwrap();
     let (_, rxs) = collect("c", n_c, rxs).await.unwrap();
     // Each slow client, reading at last, finds a 1013 close after the frames that fit its
-    // queue, and answers it (one that never does is dropped by the keepalive sweep).
+    // queue, and answers it (one that never does is reset after CLOSE_TIMEOUT_MS).
     let mut codes = std::collections::BTreeMap::new();
     for s in slow.iter_mut() {
         let ending = read_close(s, WAIT).await;

@@ -254,8 +254,8 @@ impl Taker {
             let wait = last_sent.map_or(Duration::ZERO, |t| spacing.saturating_sub(t.elapsed()));
             // A full record does not wait: spacing only gathers, it never caps throughput.
             let full = batch.is_full(self.cfg.prefetch);
-            let due = (wait.is_zero() || full || !consuming)
-                && !matches!(route, Route::Switching { .. });
+            let due =
+                (wait.is_zero() || full || !consuming) && !matches!(route, Route::Switching { .. });
             if inflight.is_none() && !batch.is_empty() && due {
                 last_sent = Some(Instant::now());
                 seq += 1;

@@ -72,6 +72,16 @@ impl Gateway {
 
     /// Starts the gateway with no `AMQP_URL` unless `env` gives one (standalone mode).
     pub async fn spawn_without_broker(queue: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::spawn_with(queue, env, |_| {}).await
+    }
+
+    /// Like [`Gateway::spawn_without_broker`], with `adjust` applied to the command last
+    /// (e.g. to set the child's resource limits).
+    pub async fn spawn_with(
+        queue: &str,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsnotify"));
         cmd.env_clear()
             .env("SERVER_HOST", "127.0.0.1")
@@ -85,6 +95,7 @@ impl Gateway {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn wsnotify");
         let log: Arc<(Mutex<Vec<String>>, Notify)> = Arc::default();
         for pipe in [
@@ -215,14 +226,21 @@ impl Gateway {
         ws
     }
 
+    /// The process id; 0 once the child has been reaped (never pass that to `kill`).
     pub fn pid(&self) -> i32 {
         self.child.id().map(|p| p as i32).unwrap_or(0)
     }
 
+    /// Sends `sig` to the gateway, if it has not been reaped yet: `kill(0, …)` would signal
+    /// the test runner's whole process group.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
+        let Some(pid) = self.child.id() else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child's pid, which is still ours: tokio reaps it only in
+        // `wait`, after which `id()` is `None`.
         unsafe {
-            libc::kill(self.pid(), sig);
+            libc::kill(pid as i32, sig);
         }
     }
 
