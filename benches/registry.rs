@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use wsnotify::conn::mailbox::Mailbox;
 use wsnotify::envelope::Target;
 use wsnotify::notification::Notification;
-use wsnotify::registry::{ConnKey, Handle, Registry};
+use wsnotify::registry::{ConnKey, Registry};
 
 const CONNECTIONS: usize = 10_000;
 const BATCH: usize = 1_000;
@@ -25,7 +26,7 @@ const BATCH: usize = 1_000;
 struct Setup {
     rt: tokio::runtime::Runtime,
     registry: Arc<Registry>,
-    handles: Vec<(Arc<Handle>, ConnKey)>,
+    handles: Vec<(Arc<Mailbox>, ConnKey)>,
     users: Vec<String>,
 }
 
@@ -42,7 +43,7 @@ fn setup() -> Setup {
     let handles = users
         .iter()
         .map(|u| {
-            let h = Arc::new(Handle::new(None));
+            let h = Arc::new(Mailbox::new(None));
             let key = registry
                 .register(Arc::from(u.as_str()), h.clone())
                 .expect("registry open");

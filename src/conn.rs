@@ -16,7 +16,7 @@
 //!   in an [`Outgoing`] box that exists only while something waits for the socket.
 //! * Control frames (our pings, tungstenite's pongs and close frames) go to a small side
 //!   buffer that is written only between whole data frames, so the two never interleave.
-//! * No `split()`, no channel and no timer per connection: the registry's [`Handle`] carries
+//! * No `split()`, no channel and no timer per connection: the registry's [`Mailbox`] carries
 //!   the mailbox, the waker and signals (ping, shutdown, overflow, queue budget, dead peer,
 //!   expired token). The one timer is the close deadline (`CLOSE_TIMEOUT_MS`), and it lives in
 //!   the [`Reader`], which exists while a close handshake is under way.
@@ -38,10 +38,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
+pub mod mailbox;
+
 use crate::frame::PING;
-use crate::registry::{ConnKey, Handle, signal};
-use crate::server::Shared;
+use crate::metrics::Metrics;
+use crate::registry::{ConnKey, Registry};
 use crate::shutdown::Slot;
+use mailbox::{Mailbox, signal};
 
 /// Frames handed to one `writev` call.
 const MAX_IOVECS: usize = 64;
@@ -349,9 +352,9 @@ pub struct Conn {
     wire: Wire,
     /// tungstenite, only while the peer has something in progress (see [`Reader`]).
     reader: Option<Box<Reader>>,
-    handle: Arc<Handle>,
+    handle: Arc<Mailbox>,
     key: ConnKey,
-    shared: Arc<Shared>,
+    ctx: Arc<ConnContext>,
     phase: Phase,
     _slot: Slot,
 }
@@ -374,14 +377,23 @@ pub fn ws_config(read_buffer: usize, max_client_frame: usize) -> WebSocketConfig
         .accept_unmasked_frames(false)
 }
 
+/// What every connection needs from the rest of the gateway, and nothing more.
+pub struct ConnContext {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub ws_config: WebSocketConfig,
+    /// How long a peer has to answer our close frame (`CLOSE_TIMEOUT_MS`).
+    pub close_timeout: std::time::Duration,
+}
+
 impl Conn {
     /// Wraps an upgraded socket. `rest` is whatever the client sent after its request head.
     pub fn new(
         sock: TcpStream,
         rest: Vec<u8>,
-        handle: Arc<Handle>,
+        handle: Arc<Mailbox>,
         key: ConnKey,
-        shared: Arc<Shared>,
+        ctx: Arc<ConnContext>,
         slot: Slot,
     ) -> Conn {
         let wire = Wire {
@@ -390,7 +402,7 @@ impl Conn {
         };
         // Bytes the client sent right behind its request are scanned on the first poll.
         let reader = (!rest.is_empty()).then(|| {
-            let mut r = Reader::new(shared.ws_config);
+            let mut r = Reader::new(ctx.ws_config);
             r.carry = rest;
             r.unscanned = true;
             r
@@ -400,7 +412,7 @@ impl Conn {
             reader,
             handle,
             key,
-            shared,
+            ctx,
             phase: Phase::Open,
             _slot: slot,
         }
@@ -426,14 +438,12 @@ impl Conn {
                 p.out.push_back(f);
             }
         }
-        self.shared
-            .registry
-            .release(self.key, &self.handle, released);
+        self.ctx.registry.release(self.key, &self.handle, released);
         // Writes into `ctrl`, which cannot fail; an error only means tungstenite already
         // considers the socket closed.
         let reader = self
             .reader
-            .get_or_insert_with(|| Reader::new(self.shared.ws_config));
+            .get_or_insert_with(|| Reader::new(self.ctx.ws_config));
         let mut feed = Feed {
             input: &[],
             eof: false,
@@ -449,10 +459,10 @@ impl Conn {
         self.phase = Phase::Closing { read };
         // Bound the wait for the peer's reply (or, if it does not read, for our close frame
         // to reach it): dropped at `CLOSE_TIMEOUT_MS`, whatever the keepalive clock says.
-        reader.close_by = Some(Box::pin(tokio::time::sleep(self.shared.close_timeout)));
+        reader.close_by = Some(Box::pin(tokio::time::sleep(self.ctx.close_timeout)));
         // The keepalive sweep is the second bound: it drops a connection silent for two ticks,
         // and from now on nothing the peer sends counts as a sign of life.
-        let tick = self.shared.registry.tick();
+        let tick = self.ctx.registry.tick();
         self.handle.seen(tick.wrapping_sub(1));
     }
 
@@ -474,7 +484,7 @@ impl Conn {
         if !self.close_overdue(cx) {
             return Poll::Pending;
         }
-        self.shared
+        self.ctx
             .metrics
             .close_timeouts
             .fetch_add(1, Ordering::Relaxed);
@@ -511,7 +521,7 @@ impl Conn {
     /// Acts on registry signals. Returns true if the socket should be dropped at once.
     fn on_signals(&mut self, sig: u8) -> bool {
         if sig & signal::DEAD != 0 {
-            self.shared
+            self.ctx
                 .metrics
                 .dead_peer_closes
                 .fetch_add(1, Ordering::Relaxed);
@@ -520,7 +530,7 @@ impl Conn {
         if sig & (signal::OVERFLOW | signal::BUDGET) != 0
             && !matches!(self.phase, Phase::Closing { .. })
         {
-            let m = &self.shared.metrics;
+            let m = &self.ctx.metrics;
             if sig & signal::OVERFLOW != 0 {
                 m.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
                 self.begin_close(CloseCode::Again, "client too slow", true);
@@ -534,7 +544,7 @@ impl Conn {
             }
         }
         if sig & signal::EXPIRED != 0 {
-            self.shared
+            self.ctx
                 .metrics
                 .token_expired_closes
                 .fetch_add(1, Ordering::Relaxed);
@@ -556,7 +566,7 @@ impl Conn {
         {
             return end;
         }
-        let chunk = self.shared.ws_config.read_buffer_size.max(16);
+        let chunk = self.ctx.ws_config.read_buffer_size.max(16);
         loop {
             // Every ping read queues a pong: while they are backed up, leave the peer's frames
             // in the kernel (TCP backpressure) and do not count it as alive.
@@ -603,7 +613,7 @@ impl Conn {
             }
             let pongs = leading_pongs(data);
             if pongs > 0 {
-                self.handle.seen(self.shared.registry.tick());
+                self.handle.seen(self.ctx.registry.tick());
                 data = &data[pongs..];
             }
             if data.is_empty() {
@@ -612,7 +622,7 @@ impl Conn {
         }
         let reader = self
             .reader
-            .get_or_insert_with(|| Reader::new(self.shared.ws_config));
+            .get_or_insert_with(|| Reader::new(self.ctx.ws_config));
         reader.unscanned = false;
         let mut carry = std::mem::take(&mut reader.carry);
         let bytes: &[u8] = if carry.is_empty() {
@@ -622,7 +632,7 @@ impl Conn {
             &carry
         };
         let max_frame = self
-            .shared
+            .ctx
             .ws_config
             .max_frame_size
             .map_or(u64::MAX, |m| m as u64);
@@ -640,12 +650,12 @@ impl Conn {
             match reader.ctx.read(&mut feed) {
                 Ok(msg) => {
                     if !matches!(self.phase, Phase::Closing { .. }) {
-                        self.handle.seen(self.shared.registry.tick());
+                        self.handle.seen(self.ctx.registry.tick());
                     }
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {
                             // Push-only gateway: client data is ignored (documented rule).
-                            self.shared
+                            self.ctx
                                 .metrics
                                 .client_messages_ignored
                                 .fetch_add(1, Ordering::Relaxed);
@@ -656,7 +666,7 @@ impl Conn {
                     }
                 }
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break None,
-                Err(e) => break Some(read_error(e, &self.shared)),
+                Err(e) => break Some(read_error(e, &self.ctx.metrics)),
             }
         };
         // Keep the start of a frame still arriving.
@@ -674,11 +684,10 @@ impl Conn {
 }
 
 /// How a codec error ends the connection.
-fn read_error(e: WsError, shared: &Shared) -> ReadEnd {
+fn read_error(e: WsError, metrics: &Metrics) -> ReadEnd {
     match e {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            shared
-                .metrics
+            metrics
                 .oversized_frame_closes
                 .fetch_add(1, Ordering::Relaxed);
             ReadEnd::Violation(CloseCode::Size, "message too big")
@@ -716,7 +725,7 @@ impl Future for Conn {
             }
             Phase::Closing { .. } => {
                 let charge = this.handle.discard_queued();
-                this.shared.registry.release(this.key, &this.handle, charge);
+                this.ctx.registry.release(this.key, &this.handle, charge);
             }
         }
 
@@ -737,23 +746,23 @@ impl Future for Conn {
         loop {
             let mut done = Written::default();
             let res = this.wire.poll_write_out(cx, &mut done);
-            this.shared
+            this.ctx
                 .registry
                 .release(this.key, &this.handle, done.released);
             if done.frames > 0 {
                 if matches!(this.phase, Phase::Open | Phase::Draining) {
                     this.handle.written(done.bytes);
                 }
-                this.shared
+                this.ctx
                     .metrics
                     .frames_sent
                     .fetch_add(done.frames, Ordering::Relaxed);
-                this.shared
+                this.ctx
                     .metrics
                     .bytes_sent
                     .fetch_add(done.bytes as u64, Ordering::Relaxed);
                 if let Some(born) = done.since {
-                    this.shared.registry.record_delivery(this.key, born);
+                    this.ctx.registry.record_delivery(this.key, born);
                 }
             }
             return match res {
@@ -826,11 +835,9 @@ impl<F: Future<Output = Option<Conn>>> Future for Task<F> {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.shared.registry.unregister(self.key);
+        self.ctx.registry.unregister(self.key);
         if let Some(p) = &self.wire.pending {
-            self.shared
-                .registry
-                .release(self.key, &self.handle, p.charge);
+            self.ctx.registry.release(self.key, &self.handle, p.charge);
         }
     }
 }
@@ -862,10 +869,10 @@ mod tests {
     fn idle_state_stays_small() {
         // What every idle connection carries (BENCHMARKS.md, per-connection state): the task
         // is a `Conn` and a tag (tokio's 256 B allocation holds it only while that stays
-        // around 120 B), and `Arc<Handle>` is in mimalloc's 112 B class while the handle is
+        // around 120 B), and `Arc<Mailbox>` is in mimalloc's 112 B class while the handle is
         // 96 B. State needed only while closing or writing belongs in `Reader`/`Outgoing`.
         assert!(std::mem::size_of::<Conn>() <= 96);
-        assert!(std::mem::size_of::<Handle>() <= 96);
+        assert!(std::mem::size_of::<Mailbox>() <= 96);
     }
 
     #[test]

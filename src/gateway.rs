@@ -22,7 +22,7 @@ use crate::amqp::{self, ConsumerConfig, Link};
 use crate::api::{PublishApi, Sink};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
-use crate::conn::ws_config;
+use crate::conn::{ConnContext, ws_config};
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::registry::{Limits, Registry};
@@ -109,17 +109,22 @@ impl Gateway {
                 None => Sink::Local,
             },
         });
+        let conn = Arc::new(ConnContext {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            ws_config: ws_config(config.read_buffer_bytes, config.max_client_frame_bytes),
+            close_timeout: config.close_timeout(),
+        });
         let shared = Arc::new(Shared {
             auth,
             registry,
             history,
             metrics,
             tracker: Arc::new(Tracker::default()),
-            ws_config: ws_config(config.read_buffer_bytes, config.max_client_frame_bytes),
+            conn,
             max_connections: config.effective_max_connections(),
             max_header_bytes: config.max_header_bytes,
             handshake_timeout: config.handshake_timeout(),
-            close_timeout: config.close_timeout(),
             accepting: AtomicBool::new(true),
             publish_api,
             standalone: config.amqp_url.is_none(),

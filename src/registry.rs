@@ -7,7 +7,7 @@
 //!
 //! A broadcast reaches the shards over bounded channels, one per shard, each drained by its own
 //! task, so it is spread over every core: a shard task takes its lock once per batch of
-//! deliveries and pushes clones of the same [`Bytes`] into each connection's [`Handle`]
+//! deliveries and pushes clones of the same [`Bytes`] into each connection's [`Mailbox`]
 //! mailbox; the connection's own task does the socket write. A frame for one user skips that
 //! hop when it can: if nothing is queued for the user's shard, the router pushes it into the
 //! mailboxes itself, under the lock it takes anyway to find the user; otherwise it joins the
@@ -22,21 +22,19 @@
 //! one allocation shared by every recipient, so each queued copy costs one queue slot
 //! ([`SLOT_BYTES`]); a frame for one user costs its length as well ([`Sharing`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{
-    AtomicBool, AtomicIsize, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use slab::Slab;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::warn;
 
+use crate::conn::mailbox::{Mailbox, Sharing, signal};
 use crate::envelope::Target;
 use crate::frame::Frame;
 use crate::notification::Notification;
@@ -45,233 +43,16 @@ use crate::shutdown::Shutdown;
 /// Shard count: a power of two well above the core count, so connect/disconnect and fan-out
 /// rarely meet on one lock.
 pub const SHARDS: usize = 64;
-/// `Handle::queued` of a connection that is closing: above any `CLIENT_QUEUE_BYTES`, so every
-/// push is refused without a word (its close frame is queued; nothing may follow it).
-const CLOSED: u32 = 1 << 31;
 /// Deliveries buffered per shard before the consumer waits (backpressure to the broker).
 const SHARD_QUEUE: usize = 1024;
 /// Deliveries a shard task handles per lock acquisition.
 const SHARD_BATCH: usize = 64;
 const NIL: u32 = u32::MAX;
-/// What one queued frame costs the budget besides its bytes: its slot in a queue.
-pub const SLOT_BYTES: usize = std::mem::size_of::<Bytes>();
 /// Least time between two scans for the largest queues once the budget has run out: the
 /// connections told to close need a moment to drop their queues, and a scan locks every shard.
 const BUDGET_RECHECK: Duration = Duration::from_millis(50);
 /// Most warnings about the exhausted budget per period.
 const BUDGET_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Signals from the registry to a connection's task (bits of [`Handle::signals`]).
-pub mod signal {
-    /// Time to send a ping.
-    pub const PING: u8 = 1;
-    /// The gateway is shutting down: flush, then close with 1001.
-    pub const SHUTDOWN: u8 = 2;
-    /// The outbound queue overflowed: close with 1013.
-    pub const OVERFLOW: u8 = 4;
-    /// No frame from the peer for two ping intervals: drop the socket.
-    pub const DEAD: u8 = 8;
-    /// The token's `exp` has passed: close with 1008.
-    pub const EXPIRED: u8 = 16;
-    /// The global queue budget ran out and this connection holds one of the largest queues:
-    /// close with 1013.
-    pub const BUDGET: u8 = 32;
-}
-
-/// The part of a connection the rest of the gateway can reach: its mailbox and its waker.
-///
-/// Kept small because there is one per socket: the mailbox is an empty `VecDeque` (no heap)
-/// until a frame arrives, and the connection swaps it out whole when it writes.
-#[derive(Debug)]
-pub struct Handle {
-    mailbox: Mutex<Mailbox>,
-    /// Bytes pushed and not yet written to the socket (mailbox + the connection's own queue),
-    /// held to `CLIENT_QUEUE_BYTES` (at most 1 GiB, so 32 bits hold it and a frame on top).
-    queued: AtomicU32,
-    /// What the frames the connection has taken from its mailbox, and not yet written or
-    /// dropped, cost the queue budget ([`Sharing`]); with the mailbox's own `charge`, it
-    /// ranks connections when the budget runs out. Updated by the connection when it takes
-    /// frames and gives their charge back, so a push costs no extra atomic. The two counters
-    /// take the room of one `usize`: the handle stays 96 bytes.
-    held: AtomicU32,
-    waker: AtomicWaker,
-    signals: AtomicU8,
-    /// Keepalive clock tick at which the peer was last heard from.
-    last_seen: AtomicU32,
-    /// Unix seconds at which the credentials expire (`u64::MAX`: never).
-    expires_at: u64,
-}
-
-/// Frames waiting for the connection's task, and when the oldest of them entered routing
-/// ([`Registry::clock`]), for the delivery-latency histogram.
-#[derive(Debug, Default)]
-struct Mailbox {
-    frames: VecDeque<Bytes>,
-    since: u32,
-    /// What `frames` cost the queue budget (fits in what would be padding: the handle stays
-    /// 96 bytes). At most `CLIENT_QUEUE_BYTES` plus a slot per frame, so a `u32` holds it
-    /// (the configuration caps `CLIENT_QUEUE_BYTES` at 1 GiB).
-    charge: u32,
-}
-
-/// Frames taken from a mailbox by [`Handle::take_frames`].
-#[derive(Debug)]
-pub struct Taken {
-    pub frames: VecDeque<Bytes>,
-    /// When the oldest of them entered routing ([`Registry::clock`]).
-    pub born: u32,
-    /// What they cost the queue budget: the taker gives it back ([`Registry::release`]) as
-    /// they are written or dropped.
-    pub charge: usize,
-}
-
-/// Whether a frame's memory is shared by every connection it is queued for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sharing {
-    /// A broadcast: one allocation for all recipients; a queued copy costs a slot.
-    Shared,
-    /// One user's frame: costs its length as well (counted for each of the user's
-    /// connections, which overstates it when the user has several).
-    Own,
-}
-
-impl Sharing {
-    /// What queuing a frame of `len` bytes costs the budget.
-    fn charge(self, len: usize) -> usize {
-        match self {
-            Sharing::Shared => SLOT_BYTES,
-            Sharing::Own => SLOT_BYTES + len,
-        }
-    }
-}
-
-impl Handle {
-    pub fn new(expires_at: Option<u64>) -> Self {
-        Self {
-            mailbox: Mutex::new(Mailbox::default()),
-            queued: AtomicU32::new(0),
-            held: AtomicU32::new(0),
-            waker: AtomicWaker::new(),
-            signals: AtomicU8::new(0),
-            last_seen: AtomicU32::new(0),
-            expires_at: expires_at.unwrap_or(u64::MAX),
-        }
-    }
-
-    /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
-    /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
-    /// the frame is dropped for it alone. Returns what the frame costs the queue budget (0 if
-    /// dropped), for the caller to add to [`Registry::charge`] once per batch.
-    fn push(&self, frame: &Bytes, born: u32, limit: usize, sharing: Sharing) -> usize {
-        let len = frame.len();
-        let len32 = len as u32;
-        let before = self.queued.fetch_add(len32, Ordering::AcqRel);
-        if before as usize + len > limit {
-            self.queued.fetch_sub(len32, Ordering::AcqRel);
-            if before < CLOSED {
-                self.signal(signal::OVERFLOW);
-            }
-            return 0;
-        }
-        let charge = sharing.charge(len);
-        let was_empty = {
-            let mut mb = self.mailbox.lock();
-            let was_empty = mb.frames.is_empty();
-            if was_empty {
-                mb.since = born;
-            }
-            mb.frames.push_back(frame.clone());
-            mb.charge = mb.charge.saturating_add(charge as u32);
-            was_empty
-        };
-        // The task takes the whole mailbox whenever its socket has taken everything before,
-        // so only the first frame after that needs to wake it: a burst costs one wake-up, not
-        // one per frame, and a client that stopped reading costs none.
-        if was_empty {
-            self.waker.wake();
-        }
-        charge
-    }
-
-    /// Puts `frames` in front of whatever live frames are already queued; returns what they
-    /// cost the queue budget. See [`Registry::prepend`].
-    fn prepend(&self, frames: Vec<Bytes>, born: u32) -> usize {
-        let len: usize = frames.iter().map(Bytes::len).sum();
-        let charge: usize = frames.iter().map(|f| Sharing::Own.charge(f.len())).sum();
-        self.queued
-            .fetch_add(u32::try_from(len).unwrap_or(u32::MAX), Ordering::AcqRel);
-        {
-            let mut mb = self.mailbox.lock();
-            for f in frames.into_iter().rev() {
-                mb.frames.push_front(f);
-            }
-            mb.since = born;
-            mb.charge = mb
-                .charge
-                .saturating_add(u32::try_from(charge).unwrap_or(u32::MAX));
-        }
-        self.waker.wake();
-        charge
-    }
-
-    pub fn signal(&self, bits: u8) {
-        self.signals.fetch_or(bits, Ordering::AcqRel);
-        self.waker.wake();
-    }
-
-    /// Takes the pending signals.
-    pub fn take_signals(&self) -> u8 {
-        self.signals.swap(0, Ordering::AcqRel)
-    }
-
-    pub fn register_waker(&self, waker: &std::task::Waker) {
-        self.waker.register(waker);
-    }
-
-    /// Takes every queued frame (the queue itself, no copying); `None` if there are none.
-    pub fn take_frames(&self) -> Option<Taken> {
-        let mut mb = self.mailbox.lock();
-        if mb.frames.is_empty() {
-            return None;
-        }
-        let charge = std::mem::take(&mut mb.charge);
-        self.held.fetch_add(charge, Ordering::Relaxed);
-        Some(Taken {
-            frames: std::mem::take(&mut mb.frames),
-            born: mb.since,
-            charge: charge as usize,
-        })
-    }
-
-    /// The connection is closing: drops everything in the mailbox, and refuses every frame
-    /// from now on (they could not follow its close frame, and they would count against the
-    /// budget while the peer takes its time to answer). Returns the dropped frames' charge
-    /// for [`Registry::release`].
-    pub fn discard_queued(&self) -> usize {
-        self.queued.store(CLOSED, Ordering::Release);
-        let mut mb = self.mailbox.lock();
-        mb.frames = VecDeque::new();
-        let charge = std::mem::take(&mut mb.charge);
-        // Counted as taken, so that one `Registry::release` gives back all of it.
-        self.held.fetch_add(charge, Ordering::Relaxed);
-        charge as usize
-    }
-
-    /// What this connection's queue costs the budget now.
-    fn charge(&self) -> usize {
-        let in_mailbox = self.mailbox.lock().charge;
-        (self.held.load(Ordering::Relaxed) as usize) + in_mailbox as usize
-    }
-
-    /// Records `bytes` as written to the socket.
-    pub fn written(&self, bytes: usize) {
-        self.queued.fetch_sub(bytes as u32, Ordering::AcqRel);
-    }
-
-    pub fn seen(&self, tick: u32) {
-        self.last_seen.store(tick, Ordering::Relaxed);
-    }
-}
 
 /// What a shard task is asked to do.
 #[derive(Debug)]
@@ -299,7 +80,7 @@ pub struct ConnKey {
 }
 
 struct Entry {
-    handle: Arc<Handle>,
+    handle: Arc<Mailbox>,
     user: Arc<str>,
     prev: u32,
     next: u32,
@@ -470,7 +251,7 @@ impl Registry {
     /// notifications, built for it alone) in front of whatever live frames reached it since it
     /// was registered. Called before its task runs; the caller keeps them within
     /// [`Registry::queue_limit`].
-    pub fn prepend(&self, at: ConnKey, handle: &Handle, frames: Vec<Bytes>) {
+    pub fn prepend(&self, at: ConnKey, handle: &Mailbox, frames: Vec<Bytes>) {
         let charge = handle.prepend(frames, self.clock());
         self.charge(usize::from(at.shard), charge);
     }
@@ -502,10 +283,10 @@ impl Registry {
     }
 
     /// Gives back the charge of frames written to a socket or dropped by the connection at
-    /// `at` ([`Taken::charge`], [`Handle::discard_queued`]).
-    pub fn release(&self, at: ConnKey, handle: &Handle, bytes: usize) {
+    /// `at` ([`Taken::charge`], [`Mailbox::discard_queued`]).
+    pub fn release(&self, at: ConnKey, handle: &Mailbox, bytes: usize) {
         if bytes > 0 {
-            handle.held.fetch_sub(bytes as u32, Ordering::Relaxed);
+            handle.release(bytes);
             self.shards[usize::from(at.shard)]
                 .charge
                 .fetch_sub(bytes as isize, Ordering::AcqRel);
@@ -522,7 +303,7 @@ impl Registry {
             return 0;
         }
         let target = (used - self.budget + self.budget / 8) as usize;
-        let mut holders: Vec<(usize, Arc<Handle>)> = Vec::new();
+        let mut holders: Vec<(usize, Arc<Mailbox>)> = Vec::new();
         self.for_each(|e| {
             let c = e.handle.charge();
             if c > 0 {
@@ -603,7 +384,7 @@ impl Registry {
     /// Adds a connection for `user`. Refused once shutdown has begun, so a handshake that
     /// finishes during shutdown cannot slip past [`Registry::close_all`], and when the user
     /// already holds `MAX_CONNECTIONS_PER_USER` connections.
-    pub fn register(&self, user: Arc<str>, handle: Arc<Handle>) -> Result<ConnKey, Refused> {
+    pub fn register(&self, user: Arc<str>, handle: Arc<Mailbox>) -> Result<ConnKey, Refused> {
         self.register_recovering(user, handle, 0)
     }
 
@@ -612,7 +393,7 @@ impl Registry {
     pub fn register_recovering(
         &self,
         user: Arc<str>,
-        handle: Arc<Handle>,
+        handle: Arc<Mailbox>,
         covered: u64,
     ) -> Result<ConnKey, Refused> {
         let shard_idx = self.shard_of(&user);
@@ -835,10 +616,10 @@ impl Registry {
     pub fn keepalive_sweep(&self, now_unix: u64) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         self.for_each(|e| {
-            let seen = e.handle.last_seen.load(Ordering::Relaxed);
+            let seen = e.handle.last_seen();
             if tick.wrapping_sub(seen) > 2 {
                 e.handle.signal(signal::DEAD);
-            } else if e.handle.expires_at <= now_unix {
+            } else if e.handle.expires_at() <= now_unix {
                 e.handle.signal(signal::EXPIRED);
             } else {
                 e.handle.signal(signal::PING);
@@ -943,6 +724,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::mailbox::SLOT_BYTES;
 
     fn notification(target: Target<'static>, data: &[u8]) -> Notification {
         let mut tail = br#","timestamp":"2026-11-26T10:00:00.000Z","data":"#.to_vec();
@@ -964,7 +746,7 @@ mod tests {
         let registry = Registry::start(1 << 20);
         let handles: Vec<_> = (0..100)
             .map(|i| {
-                let h = Arc::new(Handle::new(None));
+                let h = Arc::new(Mailbox::new(None));
                 let key = registry
                     .register(Arc::from(format!("u{}", i % 50)), h.clone())
                     .expect("open");
@@ -1004,7 +786,7 @@ mod tests {
     #[tokio::test]
     async fn user_frames_skip_the_shard_queue_only_when_it_is_empty() {
         let registry = Registry::start(1 << 20);
-        let h = Arc::new(Handle::new(None));
+        let h = Arc::new(Mailbox::new(None));
         registry.register(Arc::from("u"), h.clone()).expect("open");
         let one = notification(Target::User("u".into()), b"1");
         let two = notification(Target::User("u".into()), b"2");
@@ -1035,7 +817,7 @@ mod tests {
     #[tokio::test]
     async fn a_recovering_connection_skips_what_its_replay_holds() {
         let registry = Registry::start(1 << 20);
-        let h = Arc::new(Handle::new(None));
+        let h = Arc::new(Mailbox::new(None));
         let key = registry
             .register_recovering(Arc::from("u"), h.clone(), 5)
             .expect("open");
@@ -1061,7 +843,7 @@ mod tests {
             budget: usize::MAX,
             per_user: 2,
         });
-        let reg = |u: &str| registry.register(Arc::from(u), Arc::new(Handle::new(None)));
+        let reg = |u: &str| registry.register(Arc::from(u), Arc::new(Mailbox::new(None)));
         let first = reg("u").expect("first");
         reg("u").expect("second");
         assert_eq!(reg("u").err(), Some(Refused::UserLimit));
@@ -1080,7 +862,7 @@ mod tests {
         let handles: Vec<_> = ["big", "small", "idle"]
             .iter()
             .map(|u| {
-                let h = Arc::new(Handle::new(None));
+                let h = Arc::new(Mailbox::new(None));
                 let key = registry.register(Arc::from(*u), h.clone()).expect("open");
                 (h, key)
             })

@@ -14,17 +14,17 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error, warn};
-use tungstenite::protocol::WebSocketConfig;
 
 use crate::api::{self, PublishApi};
 use crate::auth::Authenticator;
 use crate::config::HTTP_HEADROOM;
-use crate::conn::Conn;
+use crate::conn::mailbox::Mailbox;
+use crate::conn::{Conn, ConnContext};
 use crate::frame::FrameBuf;
 use crate::history::{self, History};
 use crate::http::{self, Head, HeadError, Response};
 use crate::metrics::{Gauges, Metrics, inc};
-use crate::registry::{ConnKey, Handle, Refused, Registry};
+use crate::registry::{ConnKey, Refused, Registry};
 use crate::shutdown::{Shutdown, Slot, Tracker};
 
 /// Longest `since` a client may send (contract §5); longer, or empty, gets 400.
@@ -53,12 +53,11 @@ pub struct Shared {
     pub history: Arc<History>,
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<Tracker>,
-    pub ws_config: WebSocketConfig,
+    /// What each upgraded connection is given.
+    pub conn: Arc<ConnContext>,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub handshake_timeout: Duration,
-    /// How long a peer has to answer our close frame (`CLOSE_TIMEOUT_MS`).
-    pub close_timeout: Duration,
     /// False once shutdown has begun.
     pub accepting: AtomicBool,
     /// `POST /api/publish`, when a key is configured.
@@ -371,7 +370,7 @@ async fn upgrade(
     // registration happens under the history's lock (see `history`), and the replay goes in
     // front of whatever live frames arrive meanwhile.
     let register = |covered| {
-        let handle = Arc::new(Handle::new(identity.expires_at));
+        let handle = Arc::new(Mailbox::new(identity.expires_at));
         let key =
             shared
                 .registry
@@ -419,7 +418,7 @@ async fn upgrade(
         head.rest,
         handle,
         key,
-        shared.clone(),
+        shared.conn.clone(),
         slot,
     ))
 }
@@ -428,7 +427,7 @@ async fn upgrade(
 /// missed notifications exactly as first sent (contract §5).
 fn recover(
     shared: &Shared,
-    handle: &Handle,
+    handle: &Mailbox,
     at: ConnKey,
     user: &str,
     since: &str,
