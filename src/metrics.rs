@@ -44,206 +44,272 @@ pub struct Metrics {
 }
 
 /// Values owned elsewhere, sampled when `/metrics` is scraped.
-#[derive(Debug, Clone, Copy)]
-pub struct Gauges {
+#[derive(Debug, Clone)]
+pub struct Snapshot {
     pub connections: usize,
+    pub max_connections: usize,
     pub users: usize,
     pub sockets: usize,
     pub ready: bool,
     pub history: crate::history::Stats,
     /// What client queues cost the queue budget (`CLIENT_QUEUE_BUDGET_BYTES`).
     pub queued_bytes: usize,
+    pub latency: LatencyCounts,
 }
+
+/// A counter family: name, help, and its series as (labels, counter).
+type Family<'a> = (&'a str, &'a str, &'a [(&'a str, &'a AtomicU64)]);
 
 pub fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Metrics {
-    pub fn render(&self, g: Gauges) -> String {
-        let mut out = String::with_capacity(4096);
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut gauge = |name: &str, help: &str, v: u64| write_gauge(&mut out, name, help, v);
-        gauge(
-            "wsnotify_connections",
-            "Open WebSocket connections.",
-            g.connections as u64,
-        );
-        gauge(
-            "wsnotify_users",
-            "Distinct users with at least one connection.",
-            g.users as u64,
-        );
-        gauge(
-            "wsnotify_sockets",
-            "Accepted sockets, including handshakes in progress.",
-            g.sockets as u64,
-        );
-        gauge(
-            "wsnotify_client_queue_bytes",
-            "Memory held for frames queued to clients, as counted against CLIENT_QUEUE_BUDGET_BYTES: a 32-byte slot per queued frame, plus the bytes of frames addressed to one user (a broadcast frame is shared by its recipients).",
-            g.queued_bytes as u64,
-        );
-        gauge(
-            "wsnotify_broker_up",
-            "1 while the RabbitMQ link is up and consuming.",
-            self.broker_up.load(Ordering::Relaxed) as u64,
-        );
-        gauge(
-            "wsnotify_ready",
-            "1 while /readyz answers 200.",
-            g.ready as u64,
-        );
-        gauge(
-            "wsnotify_ingest_active",
-            "1 while this replica is the one taking the notify queue (the others stand by).",
-            self.ingest_active.load(Ordering::Relaxed) as u64,
-        );
-        gauge(
-            "wsnotify_history_warm",
-            "1 once the recovery history holds its window (read from the fan-out log at start-up).",
-            self.history_warm.load(Ordering::Relaxed) as u64,
-        );
-        gauge(
-            "wsnotify_history_entries",
-            "Notifications kept for recovery (?since=).",
-            g.history.entries as u64,
-        );
-        gauge(
-            "wsnotify_history_bytes",
-            "Memory the recovery history takes (estimate).",
-            g.history.bytes as u64,
-        );
-        gauge(
-            "wsnotify_history_oldest_age_seconds",
-            "Age of the oldest notification kept for recovery.",
-            g.history.oldest_age_ms / 1000,
-        );
-
-        let mut counter = |name: &str, help: &str, rows: &[(&str, u64)]| {
+    /// The whole exposition but the `process_*` figures ([`render_process`]).
+    pub fn render(&self, s: &Snapshot) -> String {
+        let flag = |b: &AtomicBool| u64::from(b.load(Ordering::Relaxed));
+        let gauges: [(&str, &str, u64); 12] = [
+            (
+                "wsnotify_connections",
+                "Open WebSocket connections.",
+                s.connections as u64,
+            ),
+            (
+                "wsnotify_max_connections",
+                "MAX_CONNECTIONS: open WebSocket connections past which handshakes are refused with 503.",
+                s.max_connections as u64,
+            ),
+            (
+                "wsnotify_users",
+                "Distinct users with at least one connection.",
+                s.users as u64,
+            ),
+            (
+                "wsnotify_sockets",
+                "Accepted sockets, including handshakes in progress.",
+                s.sockets as u64,
+            ),
+            (
+                "wsnotify_client_queue_bytes",
+                "Memory held for frames queued to clients, as counted against CLIENT_QUEUE_BUDGET_BYTES: a 32-byte slot per queued frame, plus the bytes of frames addressed to one user (a broadcast frame is shared by its recipients).",
+                s.queued_bytes as u64,
+            ),
+            (
+                "wsnotify_broker_up",
+                "1 while the RabbitMQ link is up and consuming.",
+                flag(&self.broker_up),
+            ),
+            (
+                "wsnotify_ready",
+                "1 while /readyz answers 200.",
+                u64::from(s.ready),
+            ),
+            (
+                "wsnotify_ingest_active",
+                "1 while this replica is the one taking the notify queue (the others stand by).",
+                flag(&self.ingest_active),
+            ),
+            (
+                "wsnotify_history_warm",
+                "1 once the recovery history holds its window (read from the fan-out log at start-up).",
+                flag(&self.history_warm),
+            ),
+            (
+                "wsnotify_history_entries",
+                "Notifications kept for recovery (?since=).",
+                s.history.entries as u64,
+            ),
+            (
+                "wsnotify_history_bytes",
+                "Memory the recovery history takes (estimate).",
+                s.history.bytes as u64,
+            ),
+            (
+                "wsnotify_history_oldest_age_seconds",
+                "Age of the oldest notification kept for recovery.",
+                s.history.oldest_age_ms / 1000,
+            ),
+        ];
+        let counters: [Family; 15] = [
+            (
+                "wsnotify_frames_sent_total",
+                "WebSocket frames written to clients.",
+                &[("", &self.frames_sent)],
+            ),
+            (
+                "wsnotify_bytes_sent_total",
+                "Bytes of notification frames written to clients.",
+                &[("", &self.bytes_sent)],
+            ),
+            (
+                "wsnotify_api_published_total",
+                "Envelopes accepted through POST /api/publish.",
+                &[("", &self.api_published)],
+            ),
+            (
+                "wsnotify_ingested_total",
+                "Messages this replica took from the notify queue and appended to the fan-out log.",
+                &[("", &self.messages_ingested)],
+            ),
+            (
+                "wsnotify_log_records_total",
+                "Records this replica appended to the fan-out log as the taker (wsnotify_ingested_total ÷ this is the average number of notifications per record).",
+                &[("", &self.log_records)],
+            ),
+            (
+                "wsnotify_duplicates_dropped_total",
+                "Fan-out copies dropped as already delivered (redelivery after a replica failure, or a publisher retrying an id).",
+                &[("", &self.duplicates_dropped)],
+            ),
+            (
+                "wsnotify_messages_total",
+                "Messages by outcome: delivered / no_recipient (on this replica), dead_lettered (by this replica's ingest).",
+                &[
+                    ("outcome=\"delivered\"", &self.messages_delivered),
+                    ("outcome=\"no_recipient\"", &self.messages_no_recipient),
+                    ("outcome=\"dead_lettered\"", &self.messages_dead_lettered),
+                ],
+            ),
+            (
+                "wsnotify_closes_total",
+                "Connections closed by the gateway, by reason.",
+                &[
+                    ("reason=\"slow_consumer\"", &self.slow_consumer_closes),
+                    ("reason=\"queue_budget\"", &self.queue_budget_closes),
+                    ("reason=\"dead_peer\"", &self.dead_peer_closes),
+                    ("reason=\"token_expired\"", &self.token_expired_closes),
+                    ("reason=\"frame_too_large\"", &self.oversized_frame_closes),
+                ],
+            ),
+            (
+                "wsnotify_close_timeouts_total",
+                "Connections reset because the peer did not complete the close handshake within CLOSE_TIMEOUT_MS.",
+                &[("", &self.close_timeouts)],
+            ),
+            (
+                "wsnotify_recoveries_total",
+                "Connections that asked for recovery (?since=), by result: recovered, unknown (since older than the window or never seen: recovered false), too_large (the missed frames exceed CLIENT_QUEUE_BYTES: recovered false).",
+                &[
+                    ("result=\"recovered\"", &self.recoveries_recovered),
+                    ("result=\"unknown\"", &self.recoveries_unknown),
+                    ("result=\"too_large\"", &self.recoveries_too_large),
+                ],
+            ),
+            (
+                "wsnotify_replayed_frames_total",
+                "Missed frames sent to recovering connections.",
+                &[("", &self.frames_replayed)],
+            ),
+            (
+                "wsnotify_client_messages_ignored_total",
+                "Data messages sent by clients (the gateway is push-only and ignores them).",
+                &[("", &self.client_messages_ignored)],
+            ),
+            (
+                "wsnotify_handshakes_total",
+                "Requests for /ws, by result.",
+                &[
+                    ("result=\"accepted\"", &self.handshakes_accepted),
+                    ("result=\"unauthorized\"", &self.handshakes_unauthorized),
+                    ("result=\"bad_request\"", &self.handshakes_bad_request),
+                    ("result=\"over_capacity\"", &self.handshakes_over_capacity),
+                    ("result=\"user_limit\"", &self.handshakes_user_limit),
+                    ("result=\"timeout\"", &self.handshakes_timed_out),
+                ],
+            ),
+            (
+                "wsnotify_accept_errors_total",
+                "Errors from accept(2), e.g. EMFILE.",
+                &[("", &self.accept_errors)],
+            ),
+            (
+                "wsnotify_broker_connects_total",
+                "Successful RabbitMQ (re)connections.",
+                &[("", &self.broker_connects)],
+            ),
+        ];
+        let mut out = String::with_capacity(8192);
+        for (name, help, v) in gauges {
+            write_gauge(&mut out, name, help, v);
+        }
+        for (name, help, rows) in counters {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
             for (labels, v) in rows {
-                if labels.is_empty() {
-                    let _ = writeln!(out, "{name} {v}");
-                } else {
-                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
+                let v = v.load(Ordering::Relaxed);
+                match *labels {
+                    "" => writeln!(out, "{name} {v}"),
+                    labels => writeln!(out, "{name}{{{labels}}} {v}"),
                 }
+                .ok();
             }
-        };
-        counter(
-            "wsnotify_frames_sent_total",
-            "WebSocket frames written to clients.",
-            &[("", get(&self.frames_sent))],
-        );
-        counter(
-            "wsnotify_bytes_sent_total",
-            "Bytes of notification frames written to clients.",
-            &[("", get(&self.bytes_sent))],
-        );
-        counter(
-            "wsnotify_api_published_total",
-            "Envelopes accepted through POST /api/publish.",
-            &[("", get(&self.api_published))],
-        );
-        counter(
-            "wsnotify_ingested_total",
-            "Messages this replica took from the notify queue and fanned out to every replica.",
-            &[("", get(&self.messages_ingested))],
-        );
-        counter(
-            "wsnotify_log_records_total",
-            "Records this replica appended to the fan-out log as the taker (wsnotify_ingested_total ÷ this is the average number of notifications per record).",
-            &[("", get(&self.log_records))],
-        );
-        counter(
-            "wsnotify_duplicates_dropped_total",
-            "Fan-out copies dropped as already delivered (redelivery after a replica failure, or a publisher retrying an id).",
-            &[("", get(&self.duplicates_dropped))],
-        );
-        counter(
-            "wsnotify_messages_total",
-            "Messages by outcome: delivered / no_recipient (on this replica), dead_lettered (by this replica's ingest).",
-            &[
-                ("outcome=\"delivered\"", get(&self.messages_delivered)),
-                ("outcome=\"no_recipient\"", get(&self.messages_no_recipient)),
-                (
-                    "outcome=\"dead_lettered\"",
-                    get(&self.messages_dead_lettered),
-                ),
-            ],
-        );
-        counter(
-            "wsnotify_closes_total",
-            "Connections closed by the gateway, by reason.",
-            &[
-                ("reason=\"slow_consumer\"", get(&self.slow_consumer_closes)),
-                ("reason=\"queue_budget\"", get(&self.queue_budget_closes)),
-                ("reason=\"dead_peer\"", get(&self.dead_peer_closes)),
-                ("reason=\"token_expired\"", get(&self.token_expired_closes)),
-                (
-                    "reason=\"frame_too_large\"",
-                    get(&self.oversized_frame_closes),
-                ),
-            ],
-        );
-        counter(
-            "wsnotify_slow_consumer_closes_total",
-            "Connections closed with 1013 because their queue overflowed.",
-            &[("", get(&self.slow_consumer_closes))],
-        );
-        counter(
-            "wsnotify_recoveries_total",
-            "Connections that asked for recovery (?since=), by result: recovered, unknown (since older than the window or never seen: recovered false), too_large (the missed frames exceed CLIENT_QUEUE_BYTES: recovered false).",
-            &[
-                ("result=\"recovered\"", get(&self.recoveries_recovered)),
-                ("result=\"unknown\"", get(&self.recoveries_unknown)),
-                ("result=\"too_large\"", get(&self.recoveries_too_large)),
-            ],
-        );
-        counter(
-            "wsnotify_replayed_frames_total",
-            "Missed frames sent to recovering connections.",
-            &[("", get(&self.frames_replayed))],
-        );
-        counter(
-            "wsnotify_close_timeouts_total",
-            "Connections reset because the peer did not complete the close handshake within CLOSE_TIMEOUT_MS.",
-            &[("", get(&self.close_timeouts))],
-        );
-        counter(
-            "wsnotify_client_messages_ignored_total",
-            "Data messages sent by clients (the gateway is push-only and ignores them).",
-            &[("", get(&self.client_messages_ignored))],
-        );
-        counter(
-            "wsnotify_handshakes_total",
-            "Requests for /ws, by result.",
-            &[
-                ("result=\"accepted\"", get(&self.handshakes_accepted)),
-                (
-                    "result=\"unauthorized\"",
-                    get(&self.handshakes_unauthorized),
-                ),
-                ("result=\"bad_request\"", get(&self.handshakes_bad_request)),
-                (
-                    "result=\"over_capacity\"",
-                    get(&self.handshakes_over_capacity),
-                ),
-                ("result=\"user_limit\"", get(&self.handshakes_user_limit)),
-                ("result=\"timeout\"", get(&self.handshakes_timed_out)),
-            ],
-        );
-        counter(
-            "wsnotify_accept_errors_total",
-            "Errors from accept(2), e.g. EMFILE.",
-            &[("", get(&self.accept_errors))],
-        );
-        counter(
-            "wsnotify_broker_connects_total",
-            "Successful RabbitMQ (re)connections.",
-            &[("", get(&self.broker_connects))],
-        );
+        }
+        s.latency.render(&mut out);
         out
+    }
+}
+
+/// Upper bounds of the delivery-latency buckets, in µs.
+const LATENCY_BOUNDS_US: [u32; 23] = [
+    5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1_000, 2_000, 5_000, 10_000, 25_000,
+    50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+];
+
+/// `wsnotify_delivery_latency_seconds`, recorded on the hot path: counts per bucket of
+/// [`LATENCY_BOUNDS_US`] (the last one is `+Inf`) and their sum. The registry keeps one per
+/// shard, so connections writing on different threads do not share counters.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    counts: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, us: u32) {
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(u64::from(us), Ordering::Relaxed);
+    }
+
+    /// Adds this histogram's counts to `total`.
+    pub fn add_to(&self, total: &mut LatencyCounts) {
+        for (c, a) in total.counts.iter_mut().zip(&self.counts) {
+            *c += a.load(Ordering::Relaxed);
+        }
+        total.sum_us += self.sum_us.load(Ordering::Relaxed);
+    }
+}
+
+/// A [`LatencyHistogram`]'s counts at one moment (summed over the shards).
+#[derive(Debug, Clone, Default)]
+pub struct LatencyCounts {
+    counts: [u64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: u64,
+}
+
+impl LatencyCounts {
+    /// `wsnotify_delivery_latency_seconds`: from a notification entering routing (right after
+    /// the broker delivered it) to its frame being written to a socket. One sample per
+    /// connection write pass, timed by the oldest frame in it.
+    fn render(&self, out: &mut String) {
+        const NAME: &str = "wsnotify_delivery_latency_seconds";
+        let _ = write!(
+            out,
+            "# HELP {NAME} Time from a notification entering routing to its frame being written to a socket (per connection write pass, oldest frame).\n# TYPE {NAME} histogram\n"
+        );
+        let mut cumulative = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c;
+            let _ = match LATENCY_BOUNDS_US.get(i) {
+                Some(&b) => writeln!(
+                    out,
+                    "{NAME}_bucket{{le=\"{}\"}} {cumulative}",
+                    f64::from(b) / 1e6
+                ),
+                None => writeln!(out, "{NAME}_bucket{{le=\"+Inf\"}} {cumulative}"),
+            };
+        }
+        let _ = writeln!(out, "{NAME}_sum {}", self.sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{NAME}_count {cumulative}");
     }
 }
 
@@ -251,17 +317,6 @@ fn write_gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Displ
     let _ = write!(
         out,
         "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-    );
-}
-
-/// `wsnotify_max_connections`: the configured limit, so dashboards and alerts can compare
-/// `wsnotify_connections` with it.
-pub fn render_limits(out: &mut String, max_connections: usize) {
-    write_gauge(
-        out,
-        "wsnotify_max_connections",
-        "MAX_CONNECTIONS: open WebSocket connections past which handshakes are refused with 503.",
-        max_connections,
     );
 }
 
@@ -371,6 +426,36 @@ fn parse_stat(stat: &str) -> Option<(u64, u64, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets() {
+        let h = LatencyHistogram::default();
+        for us in [0, 5, 6, 100, 101, 3_000_000] {
+            h.record(us);
+        }
+        let mut c = LatencyCounts::default();
+        h.add_to(&mut c);
+        assert_eq!(
+            c.counts[0], 2,
+            "0 and 5 µs are in the first bucket (le 5 µs)"
+        );
+        assert_eq!(c.counts[1], 1);
+        assert_eq!(c.counts[6], 1, "100 µs is in le=100 µs");
+        assert_eq!(c.counts[7], 1);
+        assert_eq!(c.counts[LATENCY_BOUNDS_US.len()], 1, "3 s is in +Inf");
+        let mut text = String::new();
+        c.render(&mut text);
+        assert!(text.contains("# TYPE wsnotify_delivery_latency_seconds histogram"));
+        assert!(text.contains("wsnotify_delivery_latency_seconds_bucket{le=\"+Inf\"} 6\n"));
+        assert!(text.contains("wsnotify_delivery_latency_seconds_count 6\n"));
+        let counts: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains("_bucket"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), LATENCY_BOUNDS_US.len() + 1);
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "cumulative");
+    }
 
     #[test]
     fn stat_fields_after_an_awkward_command_name() {

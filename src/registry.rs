@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -37,6 +37,7 @@ use tracing::warn;
 use crate::conn::mailbox::{Mailbox, Sharing, signal};
 use crate::envelope::Target;
 use crate::frame::Frame;
+use crate::metrics::{LatencyCounts, LatencyHistogram};
 use crate::notification::Notification;
 use crate::shutdown::Shutdown;
 
@@ -110,27 +111,6 @@ struct Shard {
     /// Delivery latency of this shard's connections (one histogram per shard keeps the
     /// counters of connections on different threads apart).
     latency: LatencyHistogram,
-}
-
-/// Upper bounds of the delivery-latency buckets, in µs.
-const LATENCY_BOUNDS_US: [u32; 23] = [
-    5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1_000, 2_000, 5_000, 10_000, 25_000,
-    50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
-];
-
-/// Counts per [`LATENCY_BOUNDS_US`] bucket (the last one is `+Inf`) and their sum.
-#[derive(Default)]
-struct LatencyHistogram {
-    counts: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
-    sum_us: AtomicU64,
-}
-
-impl LatencyHistogram {
-    fn record(&self, us: u32) {
-        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(u64::from(us), Ordering::Relaxed);
-    }
 }
 
 /// All connections, sharded.
@@ -342,43 +322,13 @@ impl Registry {
         self.shards[usize::from(at.shard)].latency.record(us);
     }
 
-    /// Appends the delivery-latency histogram to a Prometheus text exposition:
-    /// `wsnotify_delivery_latency_seconds`, from a notification entering routing (right after
-    /// the broker delivered it) to its frame being written to a socket. One sample per
-    /// connection write pass, timed by the oldest frame in it.
-    pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        const NAME: &str = "wsnotify_delivery_latency_seconds";
-        let mut counts = [0u64; LATENCY_BOUNDS_US.len() + 1];
-        let mut sum_us = 0u64;
+    /// The delivery-latency histogram's counts, summed over the shards.
+    pub fn latency(&self) -> LatencyCounts {
+        let mut total = LatencyCounts::default();
         for shard in self.shards.iter() {
-            for (c, a) in counts.iter_mut().zip(&shard.latency.counts) {
-                *c += a.load(Ordering::Relaxed);
-            }
-            sum_us += shard.latency.sum_us.load(Ordering::Relaxed);
+            shard.latency.add_to(&mut total);
         }
-        let _ = write!(
-            out,
-            "# HELP {NAME} Time from a notification entering routing to its frame being written to a socket (per connection write pass, oldest frame).\n# TYPE {NAME} histogram\n"
-        );
-        let mut cumulative = 0;
-        for (i, c) in counts.iter().enumerate() {
-            cumulative += c;
-            match LATENCY_BOUNDS_US.get(i) {
-                Some(&b) => {
-                    let _ = writeln!(
-                        out,
-                        "{NAME}_bucket{{le=\"{}\"}} {cumulative}",
-                        f64::from(b) / 1e6
-                    );
-                }
-                None => {
-                    let _ = writeln!(out, "{NAME}_bucket{{le=\"+Inf\"}} {cumulative}");
-                }
-            }
-        }
-        let _ = writeln!(out, "{NAME}_sum {}", sum_us as f64 / 1e6);
-        let _ = writeln!(out, "{NAME}_count {cumulative}");
+        total
     }
 
     /// Adds a connection for `user`. Refused once shutdown has begun, so a handshake that
@@ -769,18 +719,19 @@ mod tests {
             registry.record_delivery(*key, taken.born);
         }
         let mut text = String::new();
-        registry.render_metrics(&mut text);
-        assert!(text.contains("# TYPE wsnotify_delivery_latency_seconds histogram"));
-        assert!(text.contains("wsnotify_delivery_latency_seconds_bucket{le=\"+Inf\"} 100\n"));
+        let metrics = crate::metrics::Metrics::default();
+        let snapshot = crate::metrics::Snapshot {
+            connections: 100,
+            max_connections: 100,
+            users: 50,
+            sockets: 100,
+            ready: true,
+            history: Default::default(),
+            queued_bytes: 0,
+            latency: registry.latency(),
+        };
+        text.push_str(&metrics.render(&snapshot));
         assert!(text.contains("wsnotify_delivery_latency_seconds_count 100\n"));
-        // Each bucket line's count never decreases.
-        let counts: Vec<u64> = text
-            .lines()
-            .filter(|l| l.contains("_bucket"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        assert_eq!(counts.len(), LATENCY_BOUNDS_US.len() + 1);
-        assert!(counts.windows(2).all(|w| w[0] <= w[1]));
     }
 
     #[tokio::test]
@@ -901,19 +852,5 @@ mod tests {
             registry.release(*key, h, taken.charge);
         }
         assert_eq!(registry.queued_bytes(), 0);
-    }
-
-    #[test]
-    fn latency_buckets() {
-        let h = LatencyHistogram::default();
-        for us in [0, 5, 6, 100, 101, 3_000_000] {
-            h.record(us);
-        }
-        let c: Vec<u64> = h.counts.iter().map(|a| a.load(Ordering::Relaxed)).collect();
-        assert_eq!(c[0], 2, "0 and 5 µs are in the first bucket (le 5 µs)");
-        assert_eq!(c[1], 1);
-        assert_eq!(c[6], 1, "100 µs is in le=100 µs");
-        assert_eq!(c[7], 1);
-        assert_eq!(c[LATENCY_BOUNDS_US.len()], 1, "3 s is in +Inf");
     }
 }

@@ -23,7 +23,7 @@ use crate::conn::{Conn, ConnContext};
 use crate::frame::FrameBuf;
 use crate::history::{self, History};
 use crate::http::{self, Head, HeadError, Response};
-use crate::metrics::{Gauges, Metrics, inc};
+use crate::metrics::{Metrics, Snapshot, inc};
 use crate::registry::{ConnKey, Refused, Registry};
 use crate::shutdown::{Shutdown, Slot, Tracker};
 
@@ -80,14 +80,17 @@ impl Shared {
         self.standalone || self.metrics.history_warm.load(Ordering::Acquire)
     }
 
-    fn gauges(&self) -> Gauges {
-        Gauges {
+    /// What `/metrics` reports besides the counters.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
             connections: self.registry.connections(),
+            max_connections: self.max_connections,
             users: self.registry.users(),
             sockets: self.tracker.open(),
             ready: self.ready(),
             history: self.history.stats(crate::amqp::log::unix_ms()),
             queued_bytes: self.registry.queued_bytes(),
+            latency: self.registry.latency(),
         }
     }
 }
@@ -270,9 +273,7 @@ async fn handshake(
             answer(&mut sock, r).await
         }
         ("GET", "/metrics") => {
-            let mut body = shared.metrics.render(shared.gauges());
-            crate::metrics::render_limits(&mut body, shared.max_connections);
-            shared.registry.render_metrics(&mut body);
+            let mut body = shared.metrics.render(&shared.snapshot());
             // Off the runtime's workers: counting open descriptors lists one /proc entry per
             // socket (~25 ms at 19,000 connections), which would stall that worker's sockets.
             let process = tokio::task::spawn_blocking(|| {

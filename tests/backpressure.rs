@@ -158,7 +158,11 @@ async fn a_reader_that_pauses_for_200_ms_gets_every_frame() {
     );
     assert_eq!(close, None, "the reader is not closed");
     assert_eq!(got, (0..N).collect::<Vec<_>>(), "every frame, in order");
-    assert_eq!(gw.metric("wsnotify_slow_consumer_closes_total").await, 0);
+    assert_eq!(
+        gw.metric("wsnotify_closes_total{reason=\"slow_consumer\"}")
+            .await,
+        0
+    );
 }
 
 /// The TCP state of a client socket (`tcpi_state`: 7 is CLOSE, reached by a reset).
@@ -205,8 +209,11 @@ async fn clients_that_never_read_are_reset_within_the_close_timeout() {
     let q2 = q.clone();
     let publisher =
         tokio::spawn(async move { stream(&q2, "s", 600, 300, 16_000, &[], None).await });
-    gw.wait_metric("wsnotify_slow_consumer_closes_total", STALLED as u64)
-        .await;
+    gw.wait_metric(
+        "wsnotify_closes_total{reason=\"slow_consumer\"}",
+        STALLED as u64,
+    )
+    .await;
     let cut = Instant::now();
     gw.wait_metric("wsnotify_close_timeouts_total", STALLED as u64)
         .await;
@@ -450,7 +457,9 @@ async fn two_thousand_non_readers_under_broadcasts_cost_little_memory_and_no_hea
     stop.store(true, Ordering::Relaxed);
     let n_tail = tail.await.unwrap();
     let (_, rxs) = collect("t", n_tail, rxs).await;
-    let queue_cuts = gw.metric("wsnotify_slow_consumer_closes_total").await;
+    let queue_cuts = gw
+        .metric("wsnotify_closes_total{reason=\"slow_consumer\"}")
+        .await;
     let budget_cuts = gw
         .metric("wsnotify_closes_total{reason=\"queue_budget\"}")
         .await;
@@ -579,7 +588,9 @@ async fn the_budget_cuts_the_largest_queues_first_and_bounds_their_memory() {
     let budget_cuts = gw
         .metric("wsnotify_closes_total{reason=\"queue_budget\"}")
         .await;
-    let queue_cuts = gw.metric("wsnotify_slow_consumer_closes_total").await;
+    let queue_cuts = gw
+        .metric("wsnotify_closes_total{reason=\"slow_consumer\"}")
+        .await;
     drop(stalled);
     let grown = peak.saturating_sub(rss_base);
     let message = ((HEALTHY + STALLED) * (PAD + 200)) as u64;

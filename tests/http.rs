@@ -35,7 +35,7 @@ async fn health_readiness_metrics_and_unknown_paths() {
         "wsnotify_messages_total{outcome=\"delivered\"} ",
         "wsnotify_messages_total{outcome=\"no_recipient\"} ",
         "wsnotify_messages_total{outcome=\"dead_lettered\"} ",
-        "wsnotify_slow_consumer_closes_total ",
+        "wsnotify_closes_total{reason=\"slow_consumer\"} ",
         "wsnotify_broker_up 1",
         "# TYPE wsnotify_frames_sent_total counter",
     ] {

@@ -122,7 +122,7 @@ async fn a_client_that_reads_too_slowly_is_closed_with_1013_and_others_get_every
         .await;
     }
     assert_eq!(received.load(Ordering::Relaxed), 1000);
-    gw.wait_metric("wsnotify_slow_consumer_closes_total", 1)
+    gw.wait_metric("wsnotify_closes_total{reason=\"slow_consumer\"}", 1)
         .await;
     let close = next_close(&mut slow).await.expect("close frame");
     assert_eq!(u16::from(close.code), 1013);

@@ -140,8 +140,11 @@ async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() 
     // Every slow client is cut off; the stream goes on until the last wave overflowed.
     let q3 = q.clone();
     let tail = tokio::spawn(async move { stream(&q3, "c", Duration::from_secs(2)).await });
-    gw.wait_metric("wsnotify_slow_consumer_closes_total", total_slow)
-        .await;
+    gw.wait_metric(
+        "wsnotify_closes_total{reason=\"slow_consumer\"}",
+        total_slow,
+    )
+    .await;
     sampling.store(false, Ordering::Relaxed);
     sampler.await.unwrap();
     let n_c = tail.await.unwrap();
