@@ -16,12 +16,11 @@
 //!   in an [`Outgoing`] box that exists only while something waits for the socket.
 //! * Control frames (our pings, tungstenite's pongs and close frames) go to a small side
 //!   buffer that is written only between whole data frames, so the two never interleave.
-//! * No `split()`, no channel and no timer per connection: the registry's [`Mailbox`] carries
+//! * No `split()`, no channel and no timer per connection: the [`Mailbox`] the registry pushes into carries
 //!   the mailbox, the waker and signals (ping, shutdown, overflow, queue budget, dead peer,
 //!   expired token). The one timer is the close deadline (`CLOSE_TIMEOUT_MS`), and it lives in
 //!   the [`Reader`], which exists while a close handshake is under way.
 
-pub mod mailbox;
 mod read;
 mod write;
 
@@ -36,10 +35,10 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use crate::frame::PING;
+use crate::mailbox::{Mailbox, signal};
 use crate::metrics::Metrics;
 use crate::registry::{ConnKey, Registry};
 use crate::shutdown::Slot;
-use mailbox::{Mailbox, signal};
 use read::{ReadEnd, Reader};
 use write::{Socket, Written};
 

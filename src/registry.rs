@@ -34,9 +34,9 @@ use slab::Slab;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::warn;
 
-use crate::conn::mailbox::{Mailbox, Sharing, signal};
 use crate::envelope::Target;
 use crate::frame::Frame;
+use crate::mailbox::{Mailbox, Sharing, signal};
 use crate::metrics::{LatencyCounts, LatencyHistogram};
 use crate::notification::Notification;
 use crate::shutdown::Shutdown;
@@ -674,7 +674,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::mailbox::SLOT_BYTES;
+    use crate::mailbox::SLOT_BYTES;
 
     fn notification(target: Target<'static>, data: &[u8]) -> Notification {
         let mut tail = br#","timestamp":"2026-11-26T10:00:00.000Z","data":"#.to_vec();
