@@ -24,8 +24,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amqprs::BasicProperties;
-use amqprs::channel::BasicPublishArguments;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::io::AsyncReadExt;
@@ -193,13 +191,10 @@ async fn process(
             let left = || deadline.saturating_duration_since(Instant::now());
             let mut confirms = Vec::with_capacity(items.len());
             for item in &items {
-                let props = BasicProperties::default()
-                    .with_content_type("application/json")
-                    .with_persistence(true)
-                    .finish();
-                let mut args = BasicPublishArguments::new("", queue);
-                args.mandatory(true);
-                match publisher.publish(props, item.to_vec(), args, left()).await {
+                match publisher
+                    .publish_envelope(queue, item.to_vec(), left())
+                    .await
+                {
                     Ok(c) => confirms.push(c),
                     Err(e) => return error(503, format!("publish failed: {e}")),
                 }

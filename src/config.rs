@@ -513,7 +513,7 @@ impl Config {
     /// to the hard one either way (every connection is a descriptor), and warns when
     /// `MAX_CONNECTIONS` is more than the limit can hold.
     pub fn effective_max_connections(&self) -> usize {
-        let fit = open_file_limit().saturating_sub(FD_RESERVE).max(1);
+        let fit = raise_open_file_limit().saturating_sub(FD_RESERVE).max(1);
         match self.max_connections {
             None => fit,
             Some(n) => {
@@ -556,7 +556,7 @@ impl Config {
 
 /// Raises the soft open-file limit to the hard one (density needs every descriptor) and
 /// returns it.
-pub fn open_file_limit() -> usize {
+pub fn raise_open_file_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

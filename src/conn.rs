@@ -139,7 +139,7 @@ impl Conn {
         self.phase = Phase::Closing { read };
         // The keepalive sweep is the second bound: it drops a connection silent for two ticks,
         // and from now on nothing the peer sends counts as a sign of life.
-        let tick = self.ctx.registry.tick();
+        let tick = self.ctx.registry.keepalive_tick();
         self.handle.seen(tick.wrapping_sub(1));
     }
 

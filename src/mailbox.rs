@@ -62,9 +62,9 @@ pub struct Mailbox {
 }
 
 /// Frames waiting for the connection's task, and when the oldest of them entered routing
-/// ([`Registry::clock`]), for the delivery-latency histogram.
+/// ([`Registry::stamp`]), for the delivery-latency histogram.
 ///
-/// [`Registry::clock`]: crate::registry::Registry::clock
+/// [`Registry::stamp`]: crate::registry::Registry::stamp
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
@@ -79,7 +79,7 @@ struct Queue {
 #[derive(Debug)]
 pub struct Taken {
     pub frames: VecDeque<Bytes>,
-    /// When the oldest of them entered routing ([`Registry::clock`]).
+    /// When the oldest of them entered routing ([`Registry::stamp`]).
     pub born: u32,
     /// What they cost the queue budget: the taker gives it back ([`Registry::release`]) as
     /// they are written or dropped.
@@ -119,7 +119,7 @@ impl Mailbox {
         }
     }
 
-    /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
+    /// Queues a frame that entered routing at `born` ([`Registry::stamp`]), unless that would
     /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
     /// the frame is dropped for it alone. Returns what the frame costs the queue budget (0 if
     /// dropped), for the caller to add to [`Registry::charge`] once per batch.

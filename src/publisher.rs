@@ -19,8 +19,6 @@
 
 use std::time::Duration;
 
-use amqprs::BasicProperties;
-use amqprs::channel::BasicPublishArguments;
 use amqprs::connection::Connection;
 use serde::Serialize;
 
@@ -160,14 +158,8 @@ impl Publisher {
             .lock()
             .parse(&envelope, self.max_message_bytes)
             .map_err(|e| PublishError::Invalid(e.0))?;
-        let props = BasicProperties::default()
-            .with_content_type("application/json")
-            .with_persistence(true)
-            .finish();
-        let mut args = BasicPublishArguments::new("", &self.queue);
-        args.mandatory(true);
         self.channel
-            .publish(props, envelope, args, self.timeout)
+            .publish_envelope(&self.queue, envelope, self.timeout)
             .await
     }
 

@@ -116,7 +116,7 @@ struct Shard {
 /// All connections, sharded.
 pub struct Registry {
     shards: Box<[Shard]>,
-    /// Start of [`Registry::clock`].
+    /// Start of [`Registry::stamp`].
     epoch: Instant,
     hasher: std::hash::RandomState,
     connections: AtomicUsize,
@@ -232,7 +232,7 @@ impl Registry {
     /// was registered. Called before its task runs; the caller keeps them within
     /// [`Registry::queue_limit`].
     pub fn prepend(&self, at: ConnKey, handle: &Mailbox, frames: Vec<Bytes>) {
-        let charge = handle.prepend(frames, self.clock());
+        let charge = handle.prepend(frames, self.stamp());
         self.charge(usize::from(at.shard), charge);
     }
 
@@ -305,20 +305,20 @@ impl Registry {
     }
 
     /// Current keepalive tick.
-    pub fn tick(&self) -> u32 {
+    pub fn keepalive_tick(&self) -> u32 {
         self.tick.load(Ordering::Relaxed)
     }
 
     /// Microseconds since the registry started, wrapping (every ~71 minutes): stamps a
     /// notification when it enters routing, for the delivery-latency histogram.
-    pub fn clock(&self) -> u32 {
+    pub fn stamp(&self) -> u32 {
         self.epoch.elapsed().as_micros() as u32
     }
 
     /// Records that a connection (`at`) finished writing frames, the oldest of which entered
-    /// routing at `born` ([`Registry::clock`]).
+    /// routing at `born` ([`Registry::stamp`]).
     pub fn record_delivery(&self, at: ConnKey, born: u32) {
-        let us = self.clock().wrapping_sub(born);
+        let us = self.stamp().wrapping_sub(born);
         self.shards[usize::from(at.shard)].latency.record(us);
     }
 
@@ -363,7 +363,7 @@ impl Registry {
                 key = st.conns[key as usize].next;
             }
         }
-        handle.seen(self.tick());
+        handle.seen(self.keepalive_tick());
         let key = st.conns.insert(Entry {
             handle,
             user: user.clone(),
@@ -425,7 +425,7 @@ impl Registry {
     /// frame per target user (shared by all of that user's connections), one for a broadcast.
     /// Users who are not connected cost nothing: no frame is built for them.
     pub async fn route(&self, n: &Notification, seq: u64) -> Outcome {
-        let born = self.clock();
+        let born = self.stamp();
         let mut delivered = false;
         let target = &n.target;
         match target {
@@ -820,7 +820,7 @@ mod tests {
             .collect();
         let data = vec![b'1'; 100_000];
         let to = |target| notification(target, &data);
-        let len = |u| to(Target::Broadcast).frame(Some(u)).len() + SLOT_BYTES;
+        let len = |u| to(Target::Broadcast).frame(Some(u)).wire().len() + SLOT_BYTES;
         // A broadcast costs a slot per connection, not its length.
         registry.route(&to(Target::Broadcast), 1).await;
         registry.flush().await;

@@ -46,7 +46,7 @@ const EXHAUSTED_LOG_EVERY: Duration = Duration::from_secs(1);
 const SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
 
 /// What every socket handler shares.
-pub struct Shared {
+pub struct ServerContext {
     pub auth: Authenticator,
     pub registry: Arc<Registry>,
     /// Recent notifications, for clients reconnecting with `?since=`.
@@ -66,7 +66,7 @@ pub struct Shared {
     pub standalone: bool,
 }
 
-impl Shared {
+impl ServerContext {
     /// `/readyz`: accepting connections and consuming from the broker with the recovery
     /// history filled (or standalone).
     pub fn ready(&self) -> bool {
@@ -98,7 +98,7 @@ impl Shared {
 /// Owns the listening socket and spawns a task per accepted socket.
 pub struct Listener {
     pub listener: TcpListener,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<ServerContext>,
     pub shutdown: Shutdown,
 }
 
@@ -154,7 +154,6 @@ impl Listener {
                 }
             }
         }
-        self.shared.accepting.store(false, Ordering::Release);
     }
 
     fn dispatch(&self, sock: TcpStream) {
@@ -224,7 +223,7 @@ fn refuse_now(sock: TcpStream, r: &Response<'_>) {
 /// Reads the request head and answers it; returns the connection if it was upgraded.
 async fn handshake(
     mut sock: TcpStream,
-    shared: Arc<Shared>,
+    shared: Arc<ServerContext>,
     slot: Slot,
     mut shutdown: Shutdown,
 ) -> Option<Conn> {
@@ -310,33 +309,29 @@ async fn answer(sock: &mut TcpStream, r: Response<'_>) -> Option<Conn> {
 async fn upgrade(
     mut sock: TcpStream,
     head: Head,
-    shared: &Arc<Shared>,
+    shared: &Arc<ServerContext>,
     slot: Slot,
 ) -> Option<Conn> {
     let m = &shared.metrics;
-    let refuse = |status: u16, msg: &'static str| (status, msg);
     let since = query_param(head.query.as_deref(), "since");
     let checked = if head.method != "GET" {
-        Err(refuse(405, "WebSocket upgrade needs GET\n"))
+        Err((405, "WebSocket upgrade needs GET\n"))
     } else if !head.upgrade_websocket {
-        Err(refuse(426, "this endpoint speaks WebSocket only\n"))
+        Err((426, "this endpoint speaks WebSocket only\n"))
     } else if !head.http11 || !head.connection_upgrade || !valid_key(head.ws_key.as_deref()) {
-        Err(refuse(400, "invalid WebSocket handshake\n"))
+        Err((400, "invalid WebSocket handshake\n"))
     } else if head.ws_version.as_deref() != Some("13") {
-        Err(refuse(426, "unsupported WebSocket version\n"))
+        Err((426, "unsupported WebSocket version\n"))
     } else if since
         .as_ref()
         .is_some_and(|s| s.is_empty() || s.len() > MAX_SINCE_BYTES)
     {
-        Err(refuse(400, "since must be 1 to 64 bytes\n"))
+        Err((400, "since must be 1 to 64 bytes\n"))
     } else if !shared.accepting.load(Ordering::Acquire) {
-        Err(refuse(503, "shutting down\n"))
+        Err((503, "shutting down\n"))
     } else if since.is_some() && !shared.warm() {
         // It could not vouch for the gap yet: the client should try another replica.
-        Err(refuse(
-            503,
-            "starting: still reading the recent notifications\n",
-        ))
+        Err((503, "starting: still reading the recent notifications\n"))
     } else if shared.registry.connections() >= shared.max_connections {
         inc(&m.handshakes_over_capacity);
         return answer(&mut sock, Response::text(503, "too many connections\n")).await;
@@ -427,7 +422,7 @@ async fn upgrade(
 /// Queues a recovering connection's first frames: the `wsnotify.recovery` status, then the
 /// missed notifications exactly as first sent (contract §5).
 fn recover(
-    shared: &Shared,
+    shared: &ServerContext,
     handle: &Mailbox,
     at: ConnKey,
     user: &str,
@@ -435,12 +430,12 @@ fn recover(
     replay: history::Replay,
 ) {
     let m = &shared.metrics;
-    inc(match replay.outcome {
-        history::Outcome::Recovered => &m.recoveries_recovered,
-        history::Outcome::Unknown => &m.recoveries_unknown,
-        history::Outcome::TooLarge => &m.recoveries_too_large,
+    inc(match replay.result {
+        history::Recovery::Recovered => &m.recoveries_recovered,
+        history::Recovery::Unknown => &m.recoveries_unknown,
+        history::Recovery::TooLarge => &m.recoveries_too_large,
     });
-    let recovered = replay.outcome == history::Outcome::Recovered;
+    let recovered = replay.result == history::Recovery::Recovered;
     let missed = replay.missed.len();
     let mut status = FrameBuf::with_capacity(96 + since.len());
     status.push(b"{\"type\":\"wsnotify.recovery\",\"recovered\":");
