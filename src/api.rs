@@ -20,6 +20,10 @@
 //! | 411 | no `Content-Length` (chunked bodies are not accepted) |
 //! | 413 | body over `MAX_PUBLISH_BYTES`, or an envelope over `MAX_MESSAGE_BYTES` |
 //! | 503 | the broker link is down, or it did not confirm within `PUBLISH_TIMEOUT_MS` (a broker under a resource alarm blocks publishers): retry later |
+//!
+//! This module must not know how the broker is reached or how frames are routed: it checks,
+//! then hands envelopes to the confirm channel (with a broker) or to the history and registry
+//! (standalone), the same path a broker message takes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

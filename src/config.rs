@@ -2,9 +2,12 @@
 //! meaning (`SERVER_PORT` / `--server-port`). `wsnotify --help` lists them all.
 //!
 //! Bad configuration must stop start-up with **one** line that names the variable, so an
-//! operator reading a crash-looping container's log sees the cause at once. [`Config::load`]
+//! operator reading a crash-looping container's log sees the cause at once. [`Config::prepare`]
 //! turns both clap's parse errors and our own cross-field checks into a [`ConfigError`] whose
 //! `Display` is that line.
+//!
+//! This module must not know what the settings drive: it parses, validates (one line naming the
+//! variable on error), and hands typed values to [`gateway`](crate::gateway).
 
 use std::fmt;
 use std::net::IpAddr;

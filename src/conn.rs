@@ -5,7 +5,7 @@
 //!
 //! * **Reading** goes through tungstenite's codec (masking, fragmentation, control frames,
 //!   size limits, UTF-8, the close handshake) — but an idle socket holds none of it. Bytes are
-//!   read into a per-thread scratch buffer; complete frames are handed to a [`Reader`] (the
+//!   read into a per-thread scratch buffer; complete frames are handed to a `Reader` (`conn/read.rs`) (the
 //!   codec and its protocol state) that exists only while the peer is mid-frame, mid-message
 //!   or closing, and is freed as soon as its state is back to "nothing pending". Pongs, the only
 //!   thing a healthy idle client sends, are recognised without it.
@@ -13,13 +13,16 @@
 //!   already complete wire bytes, shared by every recipient, so the task moves its mailbox
 //!   into a local queue and hands the frames to one `writev(2)` — no copy, no per-connection
 //!   write buffer, one syscall per burst. The queue, with everything else a write needs, lives
-//!   in an [`Outgoing`] box that exists only while something waits for the socket.
+//!   in an `Outgoing` (`conn/write.rs`) box that exists only while something waits for the socket.
 //! * Control frames (our pings, tungstenite's pongs and close frames) go to a small side
 //!   buffer that is written only between whole data frames, so the two never interleave.
 //! * No `split()`, no channel and no timer per connection: the [`Mailbox`] the registry pushes into carries
 //!   the mailbox, the waker and signals (ping, shutdown, overflow, queue budget, dead peer,
 //!   expired token). The one timer is the close deadline (`CLOSE_TIMEOUT_MS`), and it lives in
-//!   the [`Reader`], which exists while a close handshake is under way.
+//!   the `Reader` (`conn/read.rs`), which exists while a close handshake is under way.
+//!
+//! This module must not know how a frame was routed or who else receives it: it drains its
+//! [`Mailbox`], answers the registry's signals and reports what it wrote.
 
 mod read;
 mod write;
@@ -57,7 +60,7 @@ enum Phase {
 /// A registered connection. Completes when the socket is done; dropping it unregisters.
 pub struct Conn {
     wire: Socket,
-    /// tungstenite, only while the peer has something in progress (see [`Reader`]).
+    /// tungstenite, only while the peer has something in progress (see `Reader` (`conn/read.rs`)).
     reader: Option<Box<Reader>>,
     handle: Arc<Mailbox>,
     key: ConnKey,
@@ -71,7 +74,7 @@ pub struct Conn {
 /// The default config keeps a 128 KiB read buffer per socket (~130 KB RSS per idle
 /// connection); clients of a push gateway send only pongs and close frames, so a few hundred
 /// bytes suffice. Here the read buffer size is also how much one read takes from the socket,
-/// and the codec (with its buffer) only exists while the peer is mid-frame (see [`Reader`]).
+/// and the codec (with its buffer) only exists while the peer is mid-frame (see `Reader` (`conn/read.rs`)).
 /// tungstenite never buffers notification frames (see the module docs); its own write buffer
 /// only ever holds a control frame.
 pub fn ws_config(read_buffer: usize, max_client_frame: usize) -> WebSocketConfig {

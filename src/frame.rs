@@ -12,6 +12,9 @@
 //! `user_id` is the *receiving* user's id, so a message to several users yields one frame per
 //! user (all of that user's connections share it); a broadcast yields one frame in total. The
 //! parts around it are encoded once per notification ([`crate::notification`]).
+//!
+//! This module must not know about connections or the broker: it turns a notification's parts
+//! into the bytes a socket gets.
 
 use bytes::{Buf, Bytes};
 use simd_json::prelude::Writable;

@@ -7,6 +7,8 @@
 //! 3. wait until every acked frame sits in a connection's mailbox;
 //! 4. tell every connection to flush and close with 1001;
 //! 5. wait for the last socket, at most `SHUTDOWN_TIMEOUT_MS`.
+//!
+//! It is the one module that knows every other one; none of them knows it.
 
 use std::future::Future;
 use std::net::SocketAddr;

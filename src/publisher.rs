@@ -16,6 +16,9 @@
 //! confirmed by the broker: a nack or an unroutable return is an error to the caller. The
 //! `notify_*` methods wait for their confirm; [`Publisher::send`] does not, so a batch can be
 //! pipelined and its confirms awaited together.
+//!
+//! This module must not know about the gateway's side of the queue: it builds and confirms
+//! envelopes exactly as any other backend must (contract §1).
 
 use std::time::Duration;
 

@@ -20,7 +20,10 @@
 //! task woken for it closes the connections holding the most first (see
 //! [`Registry::cut_largest`]). The budget counts memory, not bytes sent: a broadcast frame is
 //! one allocation shared by every recipient, so each queued copy costs one queue slot
-//! ([`SLOT_BYTES`]); a frame for one user costs its length as well ([`Sharing`]).
+//! ([`SLOT_BYTES`](crate::mailbox::SLOT_BYTES)); a frame for one user costs its length as well ([`Sharing`]).
+//!
+//! This module must not know how a frame is written or how a socket reads: it pushes into
+//! [`Mailbox`]es and raises their signals; each connection's own task does the rest.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -263,7 +266,7 @@ impl Registry {
     }
 
     /// Gives back the charge of frames written to a socket or dropped by the connection at
-    /// `at` ([`Taken::charge`], [`Mailbox::discard_queued`]).
+    /// `at` ([`Taken::charge`](crate::mailbox::Taken::charge), [`Mailbox::discard_queued`]).
     pub fn release(&self, at: ConnKey, handle: &Mailbox, bytes: usize) {
         if bytes > 0 {
             handle.release(bytes);

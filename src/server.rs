@@ -5,6 +5,9 @@
 //! boxed future that is freed once the socket is upgraded: the long-lived task then holds only
 //! the [`Conn`], not the memory the handshake needed (an unboxed handshake would size every
 //! connection's task for its whole life).
+//!
+//! This module must not know how notifications arrive: it admits sockets (capacity, identity,
+//! recovery) and hands each upgraded one to its [`Conn`].
 
 use std::io;
 use std::sync::Arc;

@@ -16,6 +16,10 @@
 //! reading their sockets, and neither the send nor the confirm ever completes. Every wait
 //! here therefore has a deadline ([`Confirm::wait`] and [`ConfirmChannel::publish`]'s), and
 //! callers turn it into an error (`POST /api/publish` answers 503).
+//!
+//! This module must not know what is published or why: the ingest taker, `POST /api/publish` and
+//! the [`Publisher`](crate::publisher::Publisher) decide that; it only keeps each publish's
+//! confirm (or return) bounded in time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
