@@ -62,7 +62,7 @@ pub struct Conn {
     wire: Socket,
     /// tungstenite, only while the peer has something in progress (see `Reader` (`conn/read.rs`)).
     reader: Option<Box<Reader>>,
-    handle: Arc<Mailbox>,
+    mailbox: Arc<Mailbox>,
     key: ConnKey,
     ctx: Arc<ConnContext>,
     phase: Phase,
@@ -101,7 +101,7 @@ impl Conn {
     pub fn new(
         sock: TcpStream,
         rest: Vec<u8>,
-        handle: Arc<Mailbox>,
+        mailbox: Arc<Mailbox>,
         key: ConnKey,
         ctx: Arc<ConnContext>,
         slot: Slot,
@@ -115,7 +115,7 @@ impl Conn {
         Conn {
             wire,
             reader,
-            handle,
+            mailbox,
             key,
             ctx,
             phase: Phase::Open,
@@ -129,8 +129,8 @@ impl Conn {
         if matches!(self.phase, Phase::Closing { .. }) {
             return;
         }
-        let released = self.handle.discard_queued() + self.wire.drop_queued();
-        self.ctx.registry.release(self.key, &self.handle, released);
+        let released = self.mailbox.discard_queued() + self.wire.drop_queued();
+        self.ctx.registry.release(self.key, &self.mailbox, released);
         let reader = self
             .reader
             .get_or_insert_with(|| Reader::new(self.ctx.ws_config));
@@ -143,7 +143,7 @@ impl Conn {
         // The keepalive sweep is the second bound: it drops a connection silent for two ticks,
         // and from now on nothing the peer sends counts as a sign of life.
         let tick = self.ctx.registry.keepalive_tick();
-        self.handle.seen(tick.wrapping_sub(1));
+        self.mailbox.seen(tick.wrapping_sub(1));
     }
 
     /// While closing: whether the peer's time to complete the close handshake is up (if not,
@@ -185,7 +185,7 @@ impl Conn {
         {
             return false;
         }
-        let Some(taken) = self.handle.take_frames() else {
+        let Some(taken) = self.mailbox.take_frames() else {
             return false;
         };
         let p = self.wire.pending();
@@ -251,8 +251,8 @@ impl Conn {
                         .is_some_and(|p| !p.out.is_empty())
             }
             Phase::Closing { .. } => {
-                let charge = self.handle.discard_queued();
-                self.ctx.registry.release(self.key, &self.handle, charge);
+                let charge = self.mailbox.discard_queued();
+                self.ctx.registry.release(self.key, &self.mailbox, charge);
                 false
             }
         }
@@ -265,10 +265,10 @@ impl Conn {
         let res = self.wire.poll_write_out(cx, &mut done);
         self.ctx
             .registry
-            .release(self.key, &self.handle, done.released);
+            .release(self.key, &self.mailbox, done.released);
         if done.frames > 0 {
             if matches!(self.phase, Phase::Open | Phase::Draining) {
-                self.handle.written(done.bytes);
+                self.mailbox.written(done.bytes);
             }
             let m = &self.ctx.metrics;
             m.frames_sent.fetch_add(done.frames, Ordering::Relaxed);
@@ -288,9 +288,9 @@ impl Future for Conn {
     /// side, until there is nothing left to do now.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        this.handle.register_waker(cx.waker());
+        this.mailbox.register_waker(cx.waker());
 
-        let sig = this.handle.take_signals();
+        let sig = this.mailbox.take_signals();
         if sig != 0 && this.on_signals(sig) {
             return Poll::Ready(());
         }
@@ -384,7 +384,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.ctx.registry.unregister(self.key);
         if let Some(p) = &self.wire.pending {
-            self.ctx.registry.release(self.key, &self.handle, p.charge);
+            self.ctx.registry.release(self.key, &self.mailbox, p.charge);
         }
     }
 }
@@ -397,7 +397,7 @@ mod tests {
     fn idle_state_stays_small() {
         // What every idle connection carries (BENCHMARKS.md, per-connection state): the task
         // is a `Conn` and a tag (tokio's 256 B allocation holds it only while that stays
-        // around 120 B), and `Arc<Mailbox>` is in mimalloc's 112 B class while the handle is
+        // around 120 B), and `Arc<Mailbox>` is in mimalloc's 112 B class while the mailbox is
         // 96 B. State needed only while closing or writing belongs in `Reader`/`Outgoing`.
         assert!(std::mem::size_of::<Conn>() <= 96);
         assert!(std::mem::size_of::<Mailbox>() <= 96);

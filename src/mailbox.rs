@@ -51,7 +51,7 @@ pub struct Mailbox {
     /// dropped, cost the queue budget ([`Sharing`]); with the mailbox's own `charge`, it
     /// ranks connections when the budget runs out. Updated by the connection when it takes
     /// frames and gives their charge back, so a push costs no extra atomic. The two counters
-    /// take the room of one `usize`: the handle stays 96 bytes.
+    /// take the room of one `usize`: the mailbox stays 96 bytes.
     held: AtomicU32,
     waker: AtomicWaker,
     signals: AtomicU8,
@@ -69,7 +69,7 @@ pub struct Mailbox {
 struct Queue {
     frames: VecDeque<Bytes>,
     since: u32,
-    /// What `frames` cost the queue budget (fits in what would be padding: the handle stays
+    /// What `frames` cost the queue budget (fits in what would be padding: the mailbox stays
     /// 96 bytes). At most `CLIENT_QUEUE_BYTES` plus a slot per frame, so a `u32` holds it
     /// (the configuration caps `CLIENT_QUEUE_BYTES` at 1 GiB).
     charge: u32,

@@ -1,7 +1,7 @@
 //! Who is connected, and the route from a frame to their sockets.
 //!
 //! After centrifuge's `hub.go`: a fixed array of shards keyed by a hash of the user id, each a
-//! lock over a slab of connection handles plus a `user → connections` index. Connecting and
+//! lock over a slab of connection mailboxes plus a `user → connections` index. Connecting and
 //! disconnecting touch one shard. The index is intrusive — each slab entry links to the next
 //! connection of the same user — so a user costs one map entry and no extra allocation.
 //!
@@ -84,7 +84,7 @@ pub struct ConnKey {
 }
 
 struct Entry {
-    handle: Arc<Mailbox>,
+    mailbox: Arc<Mailbox>,
     user: Arc<str>,
     prev: u32,
     next: u32,
@@ -234,8 +234,8 @@ impl Registry {
     /// notifications, built for it alone) in front of whatever live frames reached it since it
     /// was registered. Called before its task runs; the caller keeps them within
     /// [`Registry::queue_limit`].
-    pub fn prepend(&self, at: ConnKey, handle: &Mailbox, frames: Vec<Bytes>) {
-        let charge = handle.prepend(frames, self.stamp());
+    pub fn prepend(&self, at: ConnKey, mailbox: &Mailbox, frames: Vec<Bytes>) {
+        let charge = mailbox.prepend(frames, self.stamp());
         self.charge(usize::from(at.shard), charge);
     }
 
@@ -267,9 +267,9 @@ impl Registry {
 
     /// Gives back the charge of frames written to a socket or dropped by the connection at
     /// `at` ([`Taken::charge`](crate::mailbox::Taken::charge), [`Mailbox::discard_queued`]).
-    pub fn release(&self, at: ConnKey, handle: &Mailbox, bytes: usize) {
+    pub fn release(&self, at: ConnKey, mailbox: &Mailbox, bytes: usize) {
         if bytes > 0 {
-            handle.release(bytes);
+            mailbox.release(bytes);
             self.shards[usize::from(at.shard)]
                 .charge
                 .fetch_sub(bytes as isize, Ordering::AcqRel);
@@ -288,9 +288,9 @@ impl Registry {
         let target = (used - self.budget + self.budget / 8) as usize;
         let mut holders: Vec<(usize, Arc<Mailbox>)> = Vec::new();
         self.for_each(|e| {
-            let c = e.handle.charge();
+            let c = e.mailbox.charge();
             if c > 0 {
-                holders.push((c, e.handle.clone()));
+                holders.push((c, e.mailbox.clone()));
             }
         });
         holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
@@ -337,8 +337,8 @@ impl Registry {
     /// Adds a connection for `user`. Refused once shutdown has begun, so a handshake that
     /// finishes during shutdown cannot slip past [`Registry::close_all`], and when the user
     /// already holds `MAX_CONNECTIONS_PER_USER` connections.
-    pub fn register(&self, user: Arc<str>, handle: Arc<Mailbox>) -> Result<ConnKey, Refused> {
-        self.register_recovering(user, handle, 0)
+    pub fn register(&self, user: Arc<str>, mailbox: Arc<Mailbox>) -> Result<ConnKey, Refused> {
+        self.register_recovering(user, mailbox, 0)
     }
 
     /// [`Registry::register`] for a connection whose recovery replay holds every notification
@@ -346,7 +346,7 @@ impl Registry {
     pub fn register_recovering(
         &self,
         user: Arc<str>,
-        handle: Arc<Mailbox>,
+        mailbox: Arc<Mailbox>,
         covered: u64,
     ) -> Result<ConnKey, Refused> {
         let shard_idx = self.shard_of(&user);
@@ -366,9 +366,9 @@ impl Registry {
                 key = st.conns[key as usize].next;
             }
         }
-        handle.seen(self.keepalive_tick());
+        mailbox.seen(self.keepalive_tick());
         let key = st.conns.insert(Entry {
-            handle,
+            mailbox,
             user: user.clone(),
             prev: NIL,
             next: head.unwrap_or(NIL),
@@ -402,7 +402,7 @@ impl Registry {
             return;
         };
         // Nothing is pushed to it any more: give back what its mailbox still holds.
-        self.release(at, &entry.handle, entry.handle.discard_queued());
+        self.release(at, &entry.mailbox, entry.mailbox.discard_queued());
         if entry.prev != NIL {
             st.conns[entry.prev as usize].next = entry.next;
         }
@@ -504,7 +504,7 @@ impl Registry {
         while key != NIL {
             let e = &st.conns[key as usize];
             if seq > e.covered {
-                charge += e.handle.push(frame, born, self.queue_limit, Sharing::Own);
+                charge += e.mailbox.push(frame, born, self.queue_limit, Sharing::Own);
             }
             key = e.next;
         }
@@ -549,7 +549,7 @@ impl Registry {
     /// Tells every connection to flush and close with 1001, and refuses new ones.
     pub fn close_all(&self) {
         self.closing.store(true, Ordering::Release);
-        self.for_each(|e| e.handle.signal(signal::SHUTDOWN));
+        self.for_each(|e| e.mailbox.signal(signal::SHUTDOWN));
     }
 
     fn for_each(&self, mut f: impl FnMut(&Entry)) {
@@ -569,13 +569,13 @@ impl Registry {
     pub fn keepalive_sweep(&self, now_unix: u64) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         self.for_each(|e| {
-            let seen = e.handle.last_seen();
+            let seen = e.mailbox.last_seen();
             if tick.wrapping_sub(seen) > 2 {
-                e.handle.signal(signal::DEAD);
-            } else if e.handle.expires_at() <= now_unix {
-                e.handle.signal(signal::EXPIRED);
+                e.mailbox.signal(signal::DEAD);
+            } else if e.mailbox.expires_at() <= now_unix {
+                e.mailbox.signal(signal::EXPIRED);
             } else {
-                e.handle.signal(signal::PING);
+                e.mailbox.signal(signal::PING);
             }
         });
     }
@@ -655,7 +655,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
                     Delivery::Broadcast { frame, born, seq } => {
                         for (_, e) in st.conns.iter() {
                             if seq > e.covered {
-                                charge += e.handle.push(&frame, born, limit, Sharing::Shared);
+                                charge += e.mailbox.push(&frame, born, limit, Sharing::Shared);
                             }
                         }
                     }

@@ -369,12 +369,12 @@ async fn upgrade(
     // registration happens under the history's lock (see `history`), and the replay goes in
     // front of whatever live frames arrive meanwhile.
     let register = |covered| {
-        let handle = Arc::new(Mailbox::new(identity.expires_at));
+        let mailbox = Arc::new(Mailbox::new(identity.expires_at));
         let key =
             shared
                 .registry
-                .register_recovering(identity.user.clone(), handle.clone(), covered);
-        key.map(|key| (handle, key))
+                .register_recovering(identity.user.clone(), mailbox.clone(), covered);
+        key.map(|key| (mailbox, key))
     };
     let (registered, replay) = match &since {
         None => (register(0), None),
@@ -388,7 +388,7 @@ async fn upgrade(
             (r, Some(replay))
         }
     };
-    let (handle, key) = match registered {
+    let (mailbox, key) = match registered {
         Ok(registered) => registered,
         Err(Refused::Closing) => {
             return answer(&mut sock, Response::text(503, "shutting down\n")).await;
@@ -400,7 +400,7 @@ async fn upgrade(
         }
     };
     if let (Some(since), Some(replay)) = (&since, replay) {
-        recover(shared, &handle, key, &identity.user, since, replay);
+        recover(shared, &mailbox, key, &identity.user, since, replay);
     }
     let accept =
         tungstenite::handshake::derive_accept_key(head.ws_key.as_deref().unwrap_or("").as_bytes());
@@ -415,7 +415,7 @@ async fn upgrade(
     Some(Conn::new(
         sock,
         head.rest,
-        handle,
+        mailbox,
         key,
         shared.conn.clone(),
         slot,
@@ -426,7 +426,7 @@ async fn upgrade(
 /// missed notifications exactly as first sent (contract §5).
 fn recover(
     shared: &ServerContext,
-    handle: &Mailbox,
+    mailbox: &Mailbox,
     at: ConnKey,
     user: &str,
     since: &str,
@@ -454,7 +454,7 @@ fn recover(
     }
     m.frames_replayed
         .fetch_add(missed as u64, Ordering::Relaxed);
-    shared.registry.prepend(at, handle, frames);
+    shared.registry.prepend(at, mailbox, frames);
 }
 
 /// The percent-decoded value of `name` in a query string, if present.
