@@ -262,14 +262,19 @@ impl Taker {
                 (wait.is_zero() || full || !consuming) && !matches!(route, Route::Switching { .. });
             if inflight.is_none() && !batch.is_empty() && due {
                 last_sent = Some(Instant::now());
-                seq += 1;
+                // Records of one term are numbered without a hole (a batch of dead letters
+                // only appends nothing): replicas tell lost records by that (see `log`).
+                let appends = batch.appends();
+                if appends {
+                    seq += 1;
+                }
                 let origin = Origin { taker: term, seq };
                 inflight = Some(
                     std::mem::take(&mut batch)
                         .send(&self.publisher, &self.cfg, origin)
                         .await?,
                 );
-                if route == Route::Log && !tried_local && consuming {
+                if appends && route == Route::Log && !tried_local && consuming {
                     tried_local = true;
                     route = Route::Switching {
                         seq,
@@ -399,6 +404,11 @@ struct Batch {
 impl Batch {
     fn is_empty(&self) -> bool {
         self.record.is_empty() && self.dead.is_empty()
+    }
+
+    /// Whether sending it appends a record to the log (it holds valid notifications).
+    fn appends(&self) -> bool {
+        !self.record.is_empty()
     }
 
     /// As large as a record gets: at most half the deliveries the broker lets the taker hold

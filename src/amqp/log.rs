@@ -39,6 +39,11 @@ const OFFSET_HEADER: &str = "x-stream-offset";
 /// How far before the requested offset a resumed subscription may start (it starts at the
 /// beginning of the chunk holding it); further back means a new log.
 const CHUNK_SLACK: i64 = 100_000;
+/// Offsets a reader may see skipped between two records when nothing was lost: the stream
+/// gives offsets to chunks AMQP consumers never get (RabbitMQ starts every segment of a
+/// stream with an offset-tracking chunk). Only consulted when the records themselves cannot
+/// say (see [`Follower::lost_records`]); retention drops whole segments, far more than this.
+const OFFSET_SLACK: i64 = 16;
 
 /// Where this replica is in the log, across broker sessions.
 pub struct Follower {
@@ -48,6 +53,8 @@ pub struct Follower {
     /// Records of this taker term from this one on were handed over by this replica's own
     /// taker ([`super::ingest::Local`]): their notifications are here already.
     local_from: Option<Origin>,
+    /// The last record of notifications read.
+    last: Option<Origin>,
 }
 
 /// What one delivery was.
@@ -66,6 +73,7 @@ impl Follower {
             next: None,
             dedupe: Dedupe::new(dedupe_window),
             local_from: None,
+            last: None,
         }
     }
 
@@ -132,6 +140,12 @@ impl Follower {
             .as_ref()
             .and_then(|p| p.headers())
             .and_then(|h| h.get(&OFFSET_HEADER.try_into().ok()?).cloned());
+        let body = Bytes::from(msg.content.unwrap_or_default());
+        let record = record::decode(body);
+        let origin = match &record {
+            Ok(Record::Notifications(origin, _)) => Some(*origin),
+            _ => None,
+        };
         if let Some(FieldValue::l(offset)) = offset {
             match self.next {
                 // Resuming may start at the beginning of a chunk: skip what was read.
@@ -147,13 +161,16 @@ impl Follower {
                         "the fan-out log starts over; recovery history cleared"
                     );
                     history.clear();
+                    self.last = None;
                 }
-                Some(next) if offset > next => {
+                Some(next) if self.lost_records(offset - next, origin) => {
                     // Retention dropped records while this replica was away: it cannot vouch
                     // for anything before the gap.
                     warn!(
                         expected = next,
                         got = offset,
+                        last_record = ?self.last,
+                        record = ?origin,
                         "gap in the fan-out log; recovery history cleared"
                     );
                     history.clear();
@@ -162,8 +179,7 @@ impl Follower {
             }
             self.next = Some(offset + 1);
         }
-        let body = Bytes::from(msg.content.unwrap_or_default());
-        let (origin, list) = match record::decode(body) {
+        let (origin, list) = match record {
             Ok(Record::Notifications(origin, list)) => (origin, list),
             Ok(Record::Marker(id)) => return Read::Marker(id),
             Err(why) => {
@@ -171,6 +187,7 @@ impl Follower {
                 return Read::Nothing;
             }
         };
+        self.last = Some(origin);
         let handed_over = self
             .local_from
             .is_some_and(|l| origin.taker == l.taker && origin.seq >= l.seq);
@@ -178,6 +195,22 @@ impl Follower {
             self.deliver(list, history, registry, metrics, route).await;
         }
         Read::Notifications(origin)
+    }
+
+    /// Whether records were lost between the last record read and this one, `skipped`
+    /// offsets further on than the next expected. Offsets alone cannot say: the stream gives
+    /// some to chunks consumers never see (one at the head of every segment, every 32 MiB of
+    /// log), and clearing the history for those would empty it every minute or two. Records of
+    /// one taker term are numbered without a hole, which says it exactly; across terms (or for
+    /// a marker), only a skip beyond [`OFFSET_SLACK`] counts.
+    fn lost_records(&self, skipped: i64, record: Option<Origin>) -> bool {
+        if skipped <= 0 {
+            return false;
+        }
+        match (self.last, record) {
+            (Some(last), Some(this)) if last.taker == this.taker => this.seq > last.seq + 1,
+            _ => skipped > OFFSET_SLACK,
+        }
     }
 
     /// Records notifications that are not copies in the history, and routes them if `route`.
@@ -283,6 +316,27 @@ mod tests {
             redelivered,
             taken_ms: 0,
         }
+    }
+
+    #[test]
+    fn only_lost_records_count_as_a_gap() {
+        let mut f = Follower::new(16);
+        let o = |taker, seq| Some(Origin { taker, seq });
+        // The first record, wherever it is.
+        assert!(!f.lost_records(0, o(7, 1)));
+        f.last = o(7, 1);
+        // A segment roll: an offset skipped, the next record of the same term.
+        assert!(!f.lost_records(1, o(7, 2)));
+        // Records of this term missing, however few offsets were skipped.
+        assert!(f.lost_records(1, o(7, 4)));
+        // A new term (a new taker): only the offsets can say.
+        assert!(!f.lost_records(2, o(9, 1)));
+        assert!(f.lost_records(OFFSET_SLACK + 1, o(9, 1)));
+        // A marker after a skip: the offsets too.
+        assert!(!f.lost_records(1, None));
+        assert!(f.lost_records(500, None));
+        // Nothing skipped is never a gap.
+        assert!(!f.lost_records(0, o(7, 9)));
     }
 
     #[test]
