@@ -141,6 +141,8 @@ pub struct Stats {
     pub failed_idx: Mutex<Vec<usize>>,
     /// Recovery frames received (tracked pools only).
     pub recoveries: AtomicU64,
+    /// Connections dropped by storms.
+    pub storm_dropped: AtomicU64,
     /// What each tracked connection saw (empty unless the pool tracks).
     pub tracks: Mutex<Vec<Arc<Mutex<Track>>>>,
 }
@@ -164,6 +166,7 @@ impl Default for Stats {
             handshake: Mutex::new(new_histogram()),
             failed_idx: Mutex::new(Vec::new()),
             recoveries: AtomicU64::new(0),
+            storm_dropped: AtomicU64::new(0),
             tracks: Mutex::new(Vec::new()),
         }
     }
@@ -306,6 +309,9 @@ pub struct Pool {
     storm_tx: watch::Sender<u64>,
     /// One message per reconnect attempt after a storm: whether it was upgraded.
     storm_done: Option<mpsc::UnboundedReceiver<bool>>,
+    /// Handshakes in flight; a storm holds every permit until every connection has dropped.
+    sem: Arc<Semaphore>,
+    concurrency: u32,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -314,6 +320,9 @@ pub struct Pool {
 pub struct StormOutcome {
     /// Connections dropped.
     pub dropped: u64,
+    /// µs from the storm command until every connection had dropped (before any reconnect).
+    #[serde(default)]
+    pub drop_us: u64,
     pub reconnected: u64,
     pub failed: u64,
     /// Wall-clock µs when they were told to drop.
@@ -433,14 +442,17 @@ impl Pool {
             close_tx,
             storm_tx,
             storm_done: Some(storm_done),
+            sem,
+            concurrency: target.concurrency.max(1) as u32,
             tasks,
         }
     }
 
     /// Drops every open connection at once (no close frame, as a network drop or a crashed
-    /// replica would) and reconnects each at once with `?since=<last id>`, at most
-    /// `target.concurrency` handshakes in flight. Returns when every reconnect attempt has
-    /// succeeded or failed, or at `limit`.
+    /// replica would) and then reconnects each at once with `?since=<last id>`, at most
+    /// `target.concurrency` handshakes in flight. No reconnect starts before every connection
+    /// has dropped. Returns when every reconnect attempt has succeeded or failed, or at
+    /// `limit`.
     pub async fn storm(&mut self, limit: Duration) -> StormOutcome {
         let mut out = StormOutcome {
             dropped: self.stats.open.load(Ordering::Relaxed).max(0) as u64,
@@ -450,7 +462,18 @@ impl Pool {
         let Some(done) = self.storm_done.as_mut() else {
             return out;
         };
+        // Hold every handshake slot until all have dropped: a drop, then a storm.
+        let slots = self.sem.clone().acquire_many_owned(self.concurrency).await;
+        let dropped0 = self.stats.storm_dropped.load(Ordering::Relaxed);
         self.storm_tx.send_modify(|g| *g += 1);
+        let drop_limit = tokio::time::Instant::now() + limit;
+        while self.stats.storm_dropped.load(Ordering::Relaxed) - dropped0 < out.dropped
+            && tokio::time::Instant::now() < drop_limit
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        out.drop_us = now_us().saturating_sub(out.started_us);
+        drop(slots);
         let _ = tokio::time::timeout(limit, async {
             while out.reconnected + out.failed < out.dropped {
                 match done.recv().await {
@@ -471,6 +494,8 @@ impl Pool {
             close_tx: watch::channel(false).0,
             storm_tx: watch::channel(0).0,
             storm_done: None,
+            sem: Arc::new(Semaphore::new(1)),
+            concurrency: 1,
             tasks: Vec::new(),
         }
     }
@@ -661,6 +686,7 @@ async fn run(
                     continue;
                 }
                 stats.open.fetch_sub(1, Ordering::Relaxed);
+                stats.storm_dropped.fetch_add(1, Ordering::Relaxed);
                 return End::Storm;
             }
             _ = close_rx.changed(), if !closing => {

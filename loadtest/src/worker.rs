@@ -396,6 +396,11 @@ impl Worker {
         }
     }
 
+    /// The worker's process id (for its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Ends the worker (closing stdin ends it; kill if it lingers).
     pub async fn stop(mut self) {
         drop(self.stdin);

@@ -63,8 +63,11 @@ pub struct Recovery {
     pub time_to_recovery: Latency,
     /// First storm command (the earliest worker) → the last client's recovery frame.
     pub all_recovered_secs: f64,
-    /// First client dropped → last client dropped (how "at once" the drop was).
+    /// First client dropped → last client dropped (how "at once" the drop was; no client
+    /// reconnects before every client of its worker has dropped), and the longest a worker
+    /// took from the storm command to its last drop.
     pub drop_spread_secs: f64,
+    pub worker_drop_secs: f64,
     /// Users checked (connected at the storm and reconnected), the frames published to them
     /// (the broadcast of step 1 included) and those received.
     pub users_checked: u64,
@@ -82,6 +85,13 @@ pub struct Recovery {
     pub server_cpu_secs: Option<f64>,
     pub server_cores: Option<f64>,
     pub broker_cores: Option<f64>,
+    /// The client workers' cores, and everything else on the machine (busy cores from
+    /// `/proc/stat` minus server, broker and clients): a large value means a noisy run.
+    pub client_cores: Option<f64>,
+    pub other_cores: Option<f64>,
+    /// SYNs the kernel dropped for a full accept queue during the storm (TcpExt
+    /// ListenOverflows; each costs its client a 1 s retransmit).
+    pub listen_overflows: Option<u64>,
     /// Server RSS before the storm, its peak during it (sampled every 100 ms), and after it.
     pub rss_before: Option<u64>,
     pub rss_peak: Option<u64>,
@@ -137,6 +147,17 @@ async fn scrape(http: &[std::net::SocketAddr]) -> Scrape {
     }
 }
 
+/// `TcpExt: ListenOverflows` from `/proc/net/netstat`.
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 fn delta(a: Option<f64>, b: Option<f64>) -> Option<u64> {
     a.zip(b).map(|(a, b)| (b - a).max(0.0) as u64)
 }
@@ -144,6 +165,10 @@ fn delta(a: Option<f64>, b: Option<f64>) -> Option<u64> {
 /// What the storm's step 3 measured.
 struct Storm {
     started_us: u64,
+    worker_drop_us: u64,
+    client_cpu: Option<f64>,
+    machine_cpu: Option<f64>,
+    listen_overflows: Option<u64>,
     dropped: u64,
     reconnected: u64,
     failed: u64,
@@ -201,6 +226,10 @@ impl Suite {
                 let rss_before = sum_each(&pids, rss_bytes);
                 let cpu0 = sum_each(&pids, cpu_secs);
                 let broker0 = sum_each(&broker_pids, cpu_secs);
+                let worker_pids: Vec<u32> = workers.iter().filter_map(|w| w.pid()).collect();
+                let clients0 = sum_each(&worker_pids, cpu_secs);
+                let machine0 = crate::procstat::machine_busy_secs();
+                let overflows0 = listen_overflows();
                 let t0 = Instant::now();
                 let sampling = AtomicBool::new(true);
                 let peak = AtomicU64::new(0);
@@ -216,6 +245,10 @@ impl Suite {
                     let answers = all(workers, Cmd::Storm, limit).await;
                     let mut s = Storm {
                         started_us: u64::MAX,
+                        worker_drop_us: 0,
+                        client_cpu: None,
+                        machine_cpu: None,
+                        listen_overflows: None,
                         dropped: 0,
                         reconnected: 0,
                         failed: 0,
@@ -232,6 +265,7 @@ impl Suite {
                             return Err(format!("unexpected answer to storm: {ev:?}"));
                         };
                         s.started_us = s.started_us.min(o.started_us);
+                        s.worker_drop_us = s.worker_drop_us.max(o.drop_us);
                         s.dropped += o.dropped;
                         s.reconnected += o.reconnected;
                         s.failed += o.failed;
@@ -265,6 +299,15 @@ impl Suite {
                 s.broker_cpu = broker0
                     .zip(sum_each(&broker_pids, cpu_secs))
                     .map(|(a, b)| b - a);
+                s.client_cpu = clients0
+                    .zip(sum_each(&worker_pids, cpu_secs))
+                    .map(|(a, b)| b - a);
+                s.machine_cpu = machine0
+                    .zip(crate::procstat::machine_busy_secs())
+                    .map(|(a, b)| b - a);
+                s.listen_overflows = overflows0
+                    .zip(listen_overflows())
+                    .map(|(a, b)| b.saturating_sub(a));
                 s.rss_after = sum_each(&pids, rss_bytes);
                 s.rss_peak = Some(peak.load(Ordering::Relaxed)).filter(|&p| p > 0);
                 tokio::time::sleep(tail).await;
@@ -337,6 +380,13 @@ fn figures(i: &FigureInput<'_>, tracks: &[Track]) -> Recovery {
         server_cpu_secs: s.cpu,
         server_cores: s.cpu.map(|c| c / s.wall.max(1e-3)),
         broker_cores: s.broker_cpu.map(|c| c / s.wall.max(1e-3)),
+        client_cores: s.client_cpu.map(|c| c / s.wall.max(1e-3)),
+        other_cores: s.machine_cpu.map(|m| {
+            (m - s.cpu.unwrap_or(0.0) - s.broker_cpu.unwrap_or(0.0) - s.client_cpu.unwrap_or(0.0))
+                / s.wall.max(1e-3)
+        }),
+        listen_overflows: s.listen_overflows,
+        worker_drop_secs: s.worker_drop_us as f64 / 1e6,
         rss_before: s.rss_before,
         rss_peak: s.rss_peak,
         rss_after: s.rss_after,
@@ -468,6 +518,10 @@ mod tests {
         let log = [(0, 11, 1_500), (1, 12, 1_600), (0, 13, 5_000)];
         let storm = Storm {
             started_us: 1_000,
+            worker_drop_us: 0,
+            client_cpu: None,
+            machine_cpu: None,
+            listen_overflows: None,
             dropped: 2,
             reconnected: 2,
             failed: 0,
@@ -505,6 +559,7 @@ mod tests {
         assert_eq!(r.time_to_recovery.max_us, 2_000);
         assert_eq!(r.published_during_storm, 2);
         assert_eq!(r.server_cores, Some(0.5));
+        assert!(listen_overflows().is_some());
         let r = figures(&input, &[track("a", &[10, 13, 11], 1)]);
         assert_eq!((r.out_of_order, r.gaps, r.unexpected), (1, 0, 0));
     }
