@@ -77,6 +77,9 @@ pub struct Recovery {
     /// after a later one; received but never published to that user.
     pub gaps: u64,
     pub users_with_gaps: u64,
+    /// Of the gaps, those of users told `recovered: false` (expected: such a client is told
+    /// to reload its state); the gaps of users told `recovered: true` are `gaps` minus these.
+    pub gaps_not_recovered: u64,
     pub duplicates: u64,
     pub users_with_duplicates: u64,
     pub out_of_order: u64,
@@ -460,6 +463,9 @@ fn figures(i: &FigureInput<'_>, tracks: &[Track]) -> Recovery {
         let gaps = want.iter().filter(|q| !got_set.contains(q)).count() as u64;
         let dups = (got.len() - got_set.len()) as u64;
         r.gaps += gaps;
+        if t.recovery.as_ref().is_some_and(|rec| !rec.recovered) {
+            r.gaps_not_recovered += gaps;
+        }
         r.users_with_gaps += u64::from(gaps > 0);
         r.duplicates += dups;
         r.users_with_duplicates += u64::from(dups > 0);
