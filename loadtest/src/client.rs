@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 /// Microseconds since the Unix epoch: the clock every process of a run shares.
 pub fn now_us() -> u64 {
@@ -138,6 +139,12 @@ pub struct Stats {
     pub handshake: Mutex<Histogram<u64>>,
     /// Indices (within the pool) of connections that failed.
     pub failed_idx: Mutex<Vec<usize>>,
+    /// Recovery frames received (tracked pools only).
+    pub recoveries: AtomicU64,
+    /// Connections dropped by storms.
+    pub storm_dropped: AtomicU64,
+    /// What each tracked connection saw (empty unless the pool tracks).
+    pub tracks: Mutex<Vec<Arc<Mutex<Track>>>>,
 }
 
 impl Default for Stats {
@@ -158,12 +165,118 @@ impl Default for Stats {
             latency: Mutex::new(new_histogram()),
             handshake: Mutex::new(new_histogram()),
             failed_idx: Mutex::new(Vec::new()),
+            recoveries: AtomicU64::new(0),
+            storm_dropped: AtomicU64::new(0),
+            tracks: Mutex::new(Vec::new()),
         }
     }
 }
 
 /// Close codes counted separately in [`Stats::closes`].
 pub const CLOSE_CODES: [u16; 4] = [1001, 1008, 1009, 1013];
+
+/// What one tracked connection (and its reconnection after a storm) saw: every data frame's
+/// sequence number (`"s"` in `data`) in the order received, the last frame's `id` (sent back
+/// as `?since=` when it reconnects), and the recovery frame.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Track {
+    pub user: String,
+    /// `"s"` of every text frame that carried one, in order of arrival, across reconnects.
+    pub seqs: Vec<u64>,
+    /// `id` of the last text frame received (not the recovery frame's).
+    pub last_id: Option<String>,
+    /// Wall-clock µs: when the storm dropped this connection, when its reconnect attempt got
+    /// a handshake slot, and when that reconnect was upgraded (0: not reached).
+    pub storm_us: u64,
+    pub dial_us: u64,
+    pub upgraded_us: u64,
+    /// The reconnect failed (refused, timed out): why.
+    pub reconnect_error: Option<String>,
+    /// `seqs.len()` when the storm dropped the connection.
+    pub frames_before: usize,
+    /// The first recovery frame after the reconnect.
+    pub recovery: Option<RecoveryFrame>,
+    /// Recovery frames received in all (more than one per reconnect is a bug).
+    pub recovery_frames: u32,
+}
+
+/// A `wsnotify.recovery` frame as one client received it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecoveryFrame {
+    pub recovered: bool,
+    pub missed: u64,
+    /// Wall-clock µs when it was read.
+    pub at_us: u64,
+    /// It came before any other frame on the new connection, as the contract says.
+    pub first: bool,
+}
+
+/// A text frame as a tracked connection parsed it.
+#[derive(Debug)]
+enum Seen {
+    Data {
+        seq: Option<u64>,
+        id: Option<String>,
+    },
+    Recovery {
+        recovered: bool,
+        missed: u64,
+        at_us: u64,
+    },
+}
+
+impl Seen {
+    fn parse(payload: &[u8], now: u64) -> Seen {
+        if payload.starts_with(br#"{"type":"wsnotify.recovery""#) {
+            return Seen::Recovery {
+                recovered: memchr::memmem::find(payload, br#""recovered":true"#).is_some(),
+                missed: number_after(payload, br#""missed":"#).unwrap_or(0),
+                at_us: now,
+            };
+        }
+        let id = memchr::memmem::find(payload, br#""id":""#).and_then(|i| {
+            let rest = &payload[i + 6..];
+            let end = memchr::memchr(b'"', rest)?;
+            std::str::from_utf8(&rest[..end]).ok().map(str::to_owned)
+        });
+        Seen::Data {
+            seq: number_after(payload, br#""s":"#),
+            id,
+        }
+    }
+}
+
+impl Track {
+    fn apply(&mut self, seen: Seen) -> bool {
+        match seen {
+            Seen::Data { seq, id } => {
+                if let Some(s) = seq {
+                    self.seqs.push(s);
+                }
+                if id.is_some() {
+                    self.last_id = id;
+                }
+                false
+            }
+            Seen::Recovery {
+                recovered,
+                missed,
+                at_us,
+            } => {
+                self.recovery_frames += 1;
+                if self.recovery.is_none() {
+                    self.recovery = Some(RecoveryFrame {
+                        recovered,
+                        missed,
+                        at_us,
+                        first: self.seqs.len() == self.frames_before,
+                    });
+                }
+                true
+            }
+        }
+    }
+}
 
 impl Stats {
     /// Zeroes the frame counters and the latency histogram (between phases).
@@ -192,7 +305,28 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Pool {
     pub stats: Arc<Stats>,
     close_tx: watch::Sender<bool>,
+    /// Bumped to drop every connection at once and reconnect it with `?since=` ([`Pool::storm`]).
+    storm_tx: watch::Sender<u64>,
+    /// One message per reconnect attempt after a storm: whether it was upgraded.
+    storm_done: Option<mpsc::UnboundedReceiver<bool>>,
+    /// Handshakes in flight; a storm holds every permit until every connection has dropped.
+    sem: Arc<Semaphore>,
+    concurrency: u32,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Result of [`Pool::storm`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StormOutcome {
+    /// Connections dropped.
+    pub dropped: u64,
+    /// µs from the storm command until every connection had dropped (before any reconnect).
+    #[serde(default)]
+    pub drop_us: u64,
+    pub reconnected: u64,
+    pub failed: u64,
+    /// Wall-clock µs when they were told to drop.
+    pub started_us: u64,
 }
 
 impl Pool {
@@ -200,7 +334,20 @@ impl Pool {
     /// returns once every attempt has succeeded or failed.
     /// `stats` may be read while this runs (live progress).
     pub async fn connect(target: &Target, users: &[String], stats: Arc<Stats>) -> Pool {
+        Pool::connect_tracked(target, users, stats, false).await
+    }
+
+    /// [`Pool::connect`]; with `track`, every connection also records what it receives in a
+    /// [`Track`] (in [`Stats::tracks`]) and can be stormed ([`Pool::storm`]).
+    pub async fn connect_tracked(
+        target: &Target,
+        users: &[String],
+        stats: Arc<Stats>,
+        track: bool,
+    ) -> Pool {
         let (close_tx, close_rx) = watch::channel(false);
+        let (storm_tx, storm_rx) = watch::channel(0u64);
+        let (storm_done_tx, storm_done) = mpsc::unbounded_channel::<bool>();
         let sem = Arc::new(Semaphore::new(target.concurrency.max(1)));
         let target = Arc::new(target.clone());
         let mut tasks = Vec::with_capacity(users.len());
@@ -215,17 +362,70 @@ impl Pool {
                 .expect("semaphore is never closed");
             let stats = stats.clone();
             let target = target.clone();
-            let close_rx = close_rx.clone();
+            let mut close_rx = close_rx.clone();
+            let mut storm_rx = storm_rx.clone();
             let done = done_tx.clone();
+            let storm_done = storm_done_tx.clone();
+            let sem = sem.clone();
+            let track = track.then(|| {
+                let t = Arc::new(Mutex::new(Track {
+                    user: user.clone(),
+                    ..Default::default()
+                }));
+                lock(&stats.tracks).push(t.clone());
+                t
+            });
+            let user = user.clone();
             tasks.push(tokio::spawn(async move {
                 let conn = open(&target, &request, &stats).await;
                 drop(permit);
                 let _ = done.send(());
-                match conn {
-                    Ok((sock, rest)) => run(sock, rest, stats, close_rx).await,
-                    Err(_) => {
-                        stats.failed.fetch_add(1, Ordering::Relaxed);
-                        lock(&stats.failed_idx).push(idx);
+                let Ok(mut conn) = conn else {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    lock(&stats.failed_idx).push(idx);
+                    return;
+                };
+                loop {
+                    let (sock, rest) = conn;
+                    let end = run(
+                        sock,
+                        rest,
+                        &stats,
+                        &mut close_rx,
+                        &mut storm_rx,
+                        track.as_ref(),
+                    )
+                    .await;
+                    if matches!(end, End::Over) {
+                        return;
+                    }
+                    // Stormed: the socket is gone; reconnect at once with `since`.
+                    let dropped_at = now_us();
+                    let permit = sem.clone().acquire_owned().await;
+                    let since = track.as_ref().and_then(|t| {
+                        let mut t = lock(t);
+                        t.storm_us = dropped_at;
+                        t.dial_us = now_us();
+                        t.upgraded_us = 0;
+                        t.reconnect_error = None;
+                        t.frames_before = t.seqs.len();
+                        t.recovery = None;
+                        t.last_id.clone()
+                    });
+                    let request = upgrade_request_since(&target, &user, since.as_deref());
+                    let res = open(&target, &request, &stats).await;
+                    drop(permit);
+                    if let Some(t) = &track {
+                        let mut t = lock(t);
+                        match &res {
+                            Ok(_) => t.upgraded_us = now_us(),
+                            Err(e) => t.reconnect_error = Some(e.to_string()),
+                        }
+                    }
+                    let _ = storm_done.send(res.is_ok());
+                    match res {
+                        Ok(c) => conn = c,
+                        Err(_) => return,
                     }
                 }
             }));
@@ -240,8 +440,51 @@ impl Pool {
         Pool {
             stats,
             close_tx,
+            storm_tx,
+            storm_done: Some(storm_done),
+            sem,
+            concurrency: target.concurrency.max(1) as u32,
             tasks,
         }
+    }
+
+    /// Drops every open connection at once (no close frame, as a network drop or a crashed
+    /// replica would) and then reconnects each at once with `?since=<last id>`, at most
+    /// `target.concurrency` handshakes in flight. No reconnect starts before every connection
+    /// has dropped. Returns when every reconnect attempt has succeeded or failed, or at
+    /// `limit`.
+    pub async fn storm(&mut self, limit: Duration) -> StormOutcome {
+        let mut out = StormOutcome {
+            dropped: self.stats.open.load(Ordering::Relaxed).max(0) as u64,
+            started_us: now_us(),
+            ..Default::default()
+        };
+        let Some(done) = self.storm_done.as_mut() else {
+            return out;
+        };
+        // Hold every handshake slot until all have dropped: a drop, then a storm.
+        let slots = self.sem.clone().acquire_many_owned(self.concurrency).await;
+        let dropped0 = self.stats.storm_dropped.load(Ordering::Relaxed);
+        self.storm_tx.send_modify(|g| *g += 1);
+        let drop_limit = tokio::time::Instant::now() + limit;
+        while self.stats.storm_dropped.load(Ordering::Relaxed) - dropped0 < out.dropped
+            && tokio::time::Instant::now() < drop_limit
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        out.drop_us = now_us().saturating_sub(out.started_us);
+        drop(slots);
+        let _ = tokio::time::timeout(limit, async {
+            while out.reconnected + out.failed < out.dropped {
+                match done.recv().await {
+                    Some(true) => out.reconnected += 1,
+                    Some(false) => out.failed += 1,
+                    None => break,
+                }
+            }
+        })
+        .await;
+        out
     }
 
     /// A pool without connections that keeps `stats` (after [`Pool::close_all`]).
@@ -249,6 +492,10 @@ impl Pool {
         Pool {
             stats,
             close_tx: watch::channel(false).0,
+            storm_tx: watch::channel(0).0,
+            storm_done: None,
+            sem: Arc::new(Semaphore::new(1)),
+            concurrency: 1,
             tasks: Vec::new(),
         }
     }
@@ -267,9 +514,15 @@ impl Pool {
 
 /// `GET <path>?<auth query>`; a `{user}` in the path is the user id (nchan's `/sub/{user}`).
 fn upgrade_request(target: &Target, user: &str) -> Vec<u8> {
+    upgrade_request_since(target, user, None)
+}
+
+/// [`upgrade_request`] with `&since=<id>` (contract §5) when `since` is given.
+fn upgrade_request_since(target: &Target, user: &str, since: Option<&str>) -> Vec<u8> {
     let sep = if target.path.contains('?') { '&' } else { '?' };
+    let since = since.map_or(String::new(), |id| format!("&since={id}"));
     format!(
-        "GET {}{sep}{} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {}{sep}{}{since} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         target.path.replace("{user}", user),
         target.auth.query(user),
@@ -366,6 +619,17 @@ struct Pass {
     /// A close frame arrived with this code.
     close: Option<u16>,
     latencies: Vec<u64>,
+    /// Collect [`Seen`] for every text frame (tracked connections only).
+    track: bool,
+    seen: Vec<Seen>,
+}
+
+/// How a connection's read loop ended.
+enum End {
+    /// Closed, dropped or failed: the connection is over.
+    Over,
+    /// Told to drop and reconnect ([`Pool::storm`]); the socket is gone.
+    Storm,
 }
 
 enum ReadEnd {
@@ -384,17 +648,23 @@ fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 async fn run(
     mut s: TcpStream,
     rest: Vec<u8>,
-    stats: Arc<Stats>,
-    mut close_rx: watch::Receiver<bool>,
-) {
+    stats: &Stats,
+    close_rx: &mut watch::Receiver<bool>,
+    storm_rx: &mut watch::Receiver<u64>,
+    track: Option<&Arc<Mutex<Track>>>,
+) -> End {
     let mut carry = Vec::new();
-    let mut pass = Pass::default();
+    let mut pass = Pass {
+        track: track.is_some(),
+        ..Default::default()
+    };
     if !rest.is_empty() {
         feed(&mut carry, &rest, now_us(), &mut pass);
     }
     let mut closing = false;
+    let mut storms = true;
     let ended_by_close = loop {
-        if flush_pass(&mut pass, &stats, &mut s, closing)
+        if flush_pass(&mut pass, stats, &mut s, closing, track)
             .await
             .is_err()
         {
@@ -408,6 +678,16 @@ async fn run(
                 if r.is_err() {
                     break false;
                 }
+            }
+            r = storm_rx.changed(), if storms && !closing => {
+                if r.is_err() {
+                    // The pool is gone: no storm will come.
+                    storms = false;
+                    continue;
+                }
+                stats.open.fetch_sub(1, Ordering::Relaxed);
+                stats.storm_dropped.fetch_add(1, Ordering::Relaxed);
+                return End::Storm;
             }
             _ = close_rx.changed(), if !closing => {
                 closing = true;
@@ -438,7 +718,7 @@ async fn run(
         });
         match end {
             Some(ReadEnd::Eof) => {
-                let _ = flush_pass(&mut pass, &stats, &mut s, closing).await;
+                let _ = flush_pass(&mut pass, stats, &mut s, closing, track).await;
                 break pass.close.is_some();
             }
             Some(ReadEnd::Again) => {}
@@ -449,6 +729,7 @@ async fn run(
     if !ended_by_close && !closing {
         stats.dropped.fetch_add(1, Ordering::Relaxed);
     }
+    End::Over
 }
 
 /// Publishes a read pass's counts and answers its pings (and a close frame with the same code).
@@ -457,7 +738,18 @@ async fn flush_pass(
     stats: &Stats,
     s: &mut TcpStream,
     closing: bool,
+    track: Option<&Arc<Mutex<Track>>>,
 ) -> io::Result<()> {
+    if let Some(t) = track
+        && !pass.seen.is_empty()
+    {
+        let mut t = lock(t);
+        for seen in pass.seen.drain(..) {
+            if t.apply(seen) {
+                stats.recoveries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
     if pass.frames > 0 {
         stats.frames.fetch_add(pass.frames, Ordering::Relaxed);
         stats.bytes.fetch_add(pass.bytes, Ordering::Relaxed);
@@ -545,6 +837,9 @@ fn parse_frames(buf: &[u8], now: u64, pass: &mut Pass) -> usize {
                     Some(t) => pass.latencies.push(now.saturating_sub(t)),
                     None => pass.untimed += 1,
                 }
+                if pass.track {
+                    pass.seen.push(Seen::parse(payload, now));
+                }
             }
             0x8 => {
                 let code = if payload.len() >= 2 {
@@ -567,10 +862,15 @@ fn parse_frames(buf: &[u8], now: u64, pass: &mut Pass) -> usize {
 
 /// The `"t":<digits>` member of a frame (the publisher's send time in unix µs).
 pub fn sent_at(payload: &[u8]) -> Option<u64> {
-    for i in memchr::memmem::find_iter(payload, b"\"t\":") {
+    number_after(payload, b"\"t\":")
+}
+
+/// The first run of digits right after an occurrence of `key` (e.g. `"t":`).
+fn number_after(payload: &[u8], key: &[u8]) -> Option<u64> {
+    for i in memchr::memmem::find_iter(payload, key) {
         let mut v: u64 = 0;
         let mut n = 0;
-        for &d in payload[i + 4..].iter().take(20) {
+        for &d in payload[i + key.len()..].iter().take(20) {
             if !d.is_ascii_digit() {
                 break;
             }
@@ -627,6 +927,30 @@ mod tests {
             assert_eq!(pass.latencies, vec![1000, 500]);
             assert_eq!(pass.reply, vec![0x8A, 0x82, 0, 0, 0, 0, b'h', b'i']);
         }
+    }
+
+    #[test]
+    fn tracked_frames() {
+        let frame = br#"{"id":"0193-a","type":"lt","user_id":"u1","timestamp":"2026","data":{"t":42,"s":7,"p":"xx"}}"#;
+        let rec = br#"{"type":"wsnotify.recovery","recovered":true,"missed":3,"since":"0193-a"}"#;
+        let mut t = Track::default();
+        assert!(!t.apply(Seen::parse(frame, 1)));
+        assert_eq!(t.seqs, vec![7]);
+        assert_eq!(t.last_id.as_deref(), Some("0193-a"));
+        t.frames_before = 1;
+        assert!(t.apply(Seen::parse(rec, 5)));
+        let r = t.recovery.clone().unwrap();
+        assert!(r.recovered && r.first);
+        assert_eq!((r.missed, r.at_us), (3, 5));
+        let unrec = br#"{"type":"wsnotify.recovery","recovered":false,"missed":0,"since":"x"}"#;
+        match Seen::parse(unrec, 9) {
+            Seen::Recovery {
+                recovered, missed, ..
+            } => assert!(!recovered && missed == 0),
+            other => panic!("{other:?}"),
+        }
+        // The recovery frame does not replace the last id.
+        assert_eq!(t.last_id.as_deref(), Some("0193-a"));
     }
 
     #[test]

@@ -166,6 +166,9 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 600)]
         deadline_secs: u64,
+        /// Record every frame's id and sequence number (the recovery storm).
+        #[arg(long)]
+        track: bool,
     },
 }
 
@@ -188,7 +191,8 @@ struct SuiteOpts {
     /// Handshakes in flight per worker.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Comma-separated: idle (always), fanout, sustained, unicast, disconnect, all.
+    /// Comma-separated: idle (always), fanout, sustained, unicast, disconnect, all; and
+    /// recovery (a reconnect storm with `?since=`, not part of `all`).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// Back-to-back broadcasts in the fan-out burst.
@@ -205,6 +209,15 @@ struct SuiteOpts {
     unicast_rate: f64,
     #[arg(long, default_value_t = 10.0)]
     unicast_secs: f64,
+    /// Recovery storm: unicasts per second to random users, before, during and after it.
+    #[arg(long, default_value_t = 1_000.0)]
+    storm_rate: f64,
+    /// Recovery storm: seconds of unicasts before every client drops and reconnects.
+    #[arg(long, default_value_t = 10.0)]
+    storm_warm_secs: f64,
+    /// Recovery storm: seconds of unicasts after every client has its recovery frame.
+    #[arg(long, default_value_t = 5.0)]
+    storm_tail_secs: f64,
     /// Pause before reading RSS after connecting and after the burst.
     #[arg(long, default_value_t = 3.0)]
     settle_secs: f64,
@@ -273,6 +286,9 @@ impl SuiteOpts {
             sustained_secs: self.sustained_secs,
             unicast_rate: self.unicast_rate,
             unicast_secs: self.unicast_secs,
+            storm_rate: self.storm_rate,
+            storm_warm_secs: self.storm_warm_secs,
+            storm_tail_secs: self.storm_tail_secs,
             settle: Duration::from_secs_f64(self.settle_secs),
             disconnect_wait: Duration::from_secs_f64(self.disconnect_wait_secs),
             persistent: self.persistent,
@@ -302,6 +318,7 @@ fn main() -> ExitCode {
             jwt_secret,
             concurrency,
             deadline_secs,
+            track,
         } => runtime_current().block_on(worker::serve(WorkerArgs {
             url,
             src,
@@ -312,6 +329,7 @@ fn main() -> ExitCode {
             },
             concurrency,
             deadline: Duration::from_secs(deadline_secs),
+            track,
         })),
         Cmd::Baseline {
             addr,

@@ -53,6 +53,31 @@ pub fn histogram(text: &str, name: &str) -> Option<Buckets> {
     Some(out)
 }
 
+/// The value of one series: `name` exactly (`x_total{result="ok"}`), or, for a name without
+/// labels, the sum of every series of it (`x_total` sums `x_total{…}` too). `None` if absent.
+pub fn value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        let v = if let Some(v) = rest.strip_prefix(' ') {
+            v
+        } else if !name.contains('{') && rest.starts_with('{') {
+            match rest.split_once("} ") {
+                Some((_, v)) => v,
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        if let Ok(x) = v.trim().parse::<f64>() {
+            *found.get_or_insert(0.0) += x;
+        }
+    }
+    found
+}
+
 /// `after - before`, bucket by bucket.
 pub fn delta(before: &Buckets, after: &Buckets) -> Buckets {
     after
@@ -104,5 +129,15 @@ mod tests {
             vec![(0.00001, 5), (0.0001, 189), (f64::INFINITY, 190)]
         );
         assert!(histogram(text, "y").is_none());
+    }
+
+    #[test]
+    fn values() {
+        let text =
+            "# HELP r x\nr_total{result=\"a\"} 3\nr_total{result=\"b\"} 4\nr_total_x 9\ng 12\n";
+        assert_eq!(value(text, "r_total"), Some(7.0));
+        assert_eq!(value(text, "r_total{result=\"b\"}"), Some(4.0));
+        assert_eq!(value(text, "g"), Some(12.0));
+        assert_eq!(value(text, "h"), None);
     }
 }

@@ -97,6 +97,11 @@ impl Publisher {
         })
     }
 
+    /// Sequence number (`"s"` in `data`) of the last notification published (0: none yet).
+    pub fn seq(&self) -> u64 {
+        self.data.seq
+    }
+
     /// Publish with delivery mode 2 (persistent) instead of 1.
     pub fn persistent(&mut self, on: bool) {
         self.persistent = on;

@@ -251,6 +251,117 @@ fn figures() -> Vec<Figure> {
             better: Lower,
             get: |r| Some(r.handshake_latency.p99_us as f64 / 1e3),
         },
+        Figure {
+            name: "storm: reconnected",
+            unit: "",
+            target: None,
+            better: Info,
+            get: |r| r.recovery.as_ref().map(|d| d.reconnected as f64),
+        },
+        Figure {
+            name: "storm: reconnects failed",
+            unit: "",
+            target: Some(0.0),
+            better: Lower,
+            get: |r| r.recovery.as_ref().map(|d| d.reconnect_failed as f64),
+        },
+        Figure {
+            name: "storm: recovered true",
+            unit: "%",
+            target: Some(100.0),
+            better: Higher,
+            get: |r| r.recovery.as_ref().map(|d| d.recovered_pct),
+        },
+        Figure {
+            name: "storm: missed frames replayed",
+            unit: "",
+            target: None,
+            better: Info,
+            get: |r| r.recovery.as_ref().map(|d| d.missed_total as f64),
+        },
+        Figure {
+            name: "storm: drop → recovery frame p50",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| {
+                r.recovery
+                    .as_ref()
+                    .map(|d| d.time_to_recovery.p50_us as f64 / 1e3)
+            },
+        },
+        Figure {
+            name: "storm: drop → recovery frame p99",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| {
+                r.recovery
+                    .as_ref()
+                    .map(|d| d.time_to_recovery.p99_us as f64 / 1e3)
+            },
+        },
+        Figure {
+            name: "storm: drop → recovery frame max",
+            unit: "ms",
+            target: None,
+            better: Lower,
+            get: |r| {
+                r.recovery
+                    .as_ref()
+                    .map(|d| d.time_to_recovery.max_us as f64 / 1e3)
+            },
+        },
+        Figure {
+            name: "storm: gaps, recovered:true users",
+            unit: "",
+            target: Some(0.0),
+            better: Lower,
+            get: |r| {
+                r.recovery
+                    .as_ref()
+                    .map(|d| (d.gaps - d.gaps_not_recovered) as f64)
+            },
+        },
+        Figure {
+            name: "storm: duplicates",
+            unit: "",
+            target: Some(0.0),
+            better: Lower,
+            get: |r| r.recovery.as_ref().map(|d| d.duplicates as f64),
+        },
+        Figure {
+            name: "storm: out of order",
+            unit: "",
+            target: Some(0.0),
+            better: Lower,
+            get: |r| r.recovery.as_ref().map(|d| d.out_of_order as f64),
+        },
+        Figure {
+            name: "storm: server cores",
+            unit: "",
+            target: None,
+            better: Info,
+            get: |r| r.recovery.as_ref().and_then(|d| d.server_cores),
+        },
+        Figure {
+            name: "storm: server RSS peak",
+            unit: "MB",
+            target: None,
+            better: Lower,
+            get: |r| {
+                r.recovery
+                    .as_ref()
+                    .and_then(|d| d.rss_peak.map(|b| b as f64 / 1e6))
+            },
+        },
+        Figure {
+            name: "storm: history bytes per entry",
+            unit: "B",
+            target: None,
+            better: Lower,
+            get: |r| r.recovery.as_ref().and_then(|d| d.history_bytes_per_entry),
+        },
     ]
 }
 

@@ -9,6 +9,7 @@
 //! | fanout | K back-to-back broadcasts: frames/s delivered, completeness, latency, CPU s per M frames; then RSS kept per connection after the burst |
 //! | sustained | broadcasts at R/s for D s: publish → receive latency, completeness |
 //! | unicast | messages at R/s to random connected users for D s: latency, completeness, and the gateway's own delivery latency from its `/metrics` |
+//! | recovery | (only when asked for: `--scenarios recovery`) unicasts at R/s to random users; every client drops at once and reconnects with `?since=<last id>`: recovery frames, time to them, gaps and duplicates per user, the server's CPU, RSS and history |
 //! | disconnect | every client closes; RSS after W s, against the RSS before connecting |
 //!
 //! Every phase is bounded: it ends when every expected frame has arrived, or when no frame has
@@ -29,6 +30,9 @@ use crate::procstat::{cpu_secs, rss_bytes};
 use crate::publish::Publisher;
 use crate::worker::{Cmd, Event, Report, Worker, WorkerArgs, all, merged, user_ids};
 
+mod recovery;
+pub use recovery::Recovery;
+
 /// Prometheus histogram of the gateway's own delivery latency (broker delivery → socket write).
 pub const GATEWAY_LATENCY_METRIC: &str = "wsnotify_delivery_latency_seconds";
 
@@ -38,6 +42,8 @@ pub struct Phases {
     pub sustained: bool,
     pub unicast: bool,
     pub disconnect: bool,
+    /// The reconnect storm with recovery (not part of `all`).
+    pub recovery: bool,
 }
 
 impl Phases {
@@ -47,6 +53,7 @@ impl Phases {
             sustained: false,
             unicast: false,
             disconnect: false,
+            recovery: false,
         };
         for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match name {
@@ -56,6 +63,7 @@ impl Phases {
                         sustained: true,
                         unicast: true,
                         disconnect: true,
+                        recovery: p.recovery,
                     }
                 }
                 "idle" | "connect" | "handshake" => {}
@@ -63,9 +71,10 @@ impl Phases {
                 "sustained" => p.sustained = true,
                 "unicast" => p.unicast = true,
                 "disconnect" => p.disconnect = true,
+                "recovery" | "storm" => p.recovery = true,
                 other => {
                     return Err(format!(
-                        "unknown scenario {other:?} (idle, fanout, sustained, unicast, disconnect, all)"
+                        "unknown scenario {other:?} (idle, fanout, sustained, unicast, disconnect, recovery, all)"
                     ));
                 }
             }
@@ -103,6 +112,11 @@ pub struct SuiteConfig {
     pub sustained_secs: f64,
     pub unicast_rate: f64,
     pub unicast_secs: f64,
+    /// Recovery storm: unicasts per second to random users (before, during and after the
+    /// storm), seconds of them before the storm, and seconds after every client recovered.
+    pub storm_rate: f64,
+    pub storm_warm_secs: f64,
+    pub storm_tail_secs: f64,
     /// Pause after connecting and after the burst before RSS is read.
     pub settle: Duration,
     pub disconnect_wait: Duration,
@@ -265,6 +279,7 @@ pub struct SuiteResult {
     pub burst_kept_bytes_per_conn: Option<f64>,
     pub sustained: Option<Delivery>,
     pub unicast: Option<Delivery>,
+    pub recovery: Option<Recovery>,
     pub rss_after_disconnect: Option<u64>,
     pub rss_after_disconnect_over_start: Option<i64>,
     /// Close frames the clients received: 1001, 1008, 1009, 1013, other.
@@ -463,6 +478,11 @@ impl Suite {
             + phase_secs(cfg.sustained_rate * cfg.sustained_secs * cfg.connections as f64)
             + cfg.unicast_secs
             + phase_secs(cfg.unicast_rate * cfg.unicast_secs)
+            + if cfg.phases.recovery {
+                300.0 + cfg.storm_warm_secs + cfg.storm_tail_secs + cfg.connections as f64 / 200.0
+            } else {
+                0.0
+            }
             + 3.0 * cfg.settle.as_secs_f64()
             + cfg.disconnect_wait.as_secs_f64();
         for i in 0..procs {
@@ -481,6 +501,7 @@ impl Suite {
                 auth: cfg.auth.clone(),
                 concurrency: cfg.concurrency,
                 deadline: Duration::from_secs_f64(planned),
+                track: cfg.phases.recovery,
             };
             self.workers
                 .push(Worker::spawn(&cfg.exe, &args, &prefix, first)?);
@@ -598,6 +619,12 @@ impl Suite {
                 self.deliver(&mut publisher, n, cfg.unicast_rate, Target2::RandomUser)
                     .await?,
             );
+        }
+
+        // ---- reconnect storm with recovery
+        if cfg.phases.recovery {
+            self.phase("recovery");
+            res.recovery = Some(self.recovery(&mut publisher).await?);
         }
 
         // Close frames and drops seen so far (before we close ourselves).

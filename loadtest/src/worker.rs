@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use crate::client::{Auth, Pool, Stats, Target, lock, new_histogram};
+use crate::client::{Auth, Pool, Stats, StormOutcome, Target, Track, lock, new_histogram};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -32,6 +32,11 @@ pub enum Cmd {
     Report,
     /// Close every connection (close frame 1000), answer [`Event::Closed`].
     Close,
+    /// Drop every connection at once and reconnect it with `?since=<last id>` (tracked
+    /// workers), answer [`Event::Stormed`] when every reconnect attempt has ended.
+    Storm,
+    /// Answer [`Event::Tracks`] (tracked workers; empty otherwise).
+    Tracks,
 }
 
 /// A histogram as `(value, count)` pairs (values at 3 significant digits).
@@ -57,6 +62,9 @@ pub enum Event {
         open: i64,
         connected: u64,
         failed: u64,
+        /// Recovery frames received (tracked workers).
+        #[serde(default)]
+        recovered: u64,
     },
     Connected {
         connected: u64,
@@ -71,6 +79,10 @@ pub enum Event {
     Report(Report),
     Closed {
         open: i64,
+    },
+    Stormed(StormOutcome),
+    Tracks {
+        tracks: Vec<Track>,
     },
 }
 
@@ -115,6 +127,8 @@ pub struct WorkerArgs {
     pub auth: Auth,
     pub concurrency: usize,
     pub deadline: Duration,
+    /// Record what every connection receives ([`Track`]), so it can be stormed.
+    pub track: bool,
 }
 
 /// The user ids of connections `first..first + count` of a run.
@@ -162,6 +176,7 @@ pub async fn serve(args: WorkerArgs) -> Result<(), String> {
                     open: stats.open.load(Ordering::Relaxed),
                     connected: stats.connected.load(Ordering::Relaxed),
                     failed: stats.failed.load(Ordering::Relaxed),
+                    recovered: stats.recoveries.load(Ordering::Relaxed),
                 }).await;
                 continue;
             }
@@ -176,7 +191,8 @@ pub async fn serve(args: WorkerArgs) -> Result<(), String> {
             Cmd::Connect => {
                 // Ticks keep flowing while connecting.
                 let live = Arc::new(Stats::default());
-                let connecting = Pool::connect(&target, &args.users, live.clone());
+                let connecting =
+                    Pool::connect_tracked(&target, &args.users, live.clone(), args.track);
                 tokio::pin!(connecting);
                 let p = loop {
                     tokio::select! {
@@ -187,6 +203,7 @@ pub async fn serve(args: WorkerArgs) -> Result<(), String> {
                                 open: live.open.load(Ordering::Relaxed),
                                 connected: live.connected.load(Ordering::Relaxed),
                                 failed: live.failed.load(Ordering::Relaxed),
+                                recovered: 0,
                             }).await;
                         }
                         _ = &mut deadline => return Err("deadline reached".into()),
@@ -222,6 +239,39 @@ pub async fn serve(args: WorkerArgs) -> Result<(), String> {
                     emit(Event::Closed { open: 0 }).await;
                 }
             }
+            Cmd::Storm => {
+                let Some(p) = pool.as_mut() else {
+                    emit(Event::Stormed(StormOutcome::default())).await;
+                    continue;
+                };
+                // Ticks keep flowing while reconnecting.
+                let s = p.stats.clone();
+                let storming = p.storm(Duration::from_secs(120));
+                tokio::pin!(storming);
+                let out = loop {
+                    tokio::select! {
+                        o = &mut storming => break o,
+                        _ = tick.tick() => {
+                            emit(Event::Tick {
+                                frames: s.frames.load(Ordering::Relaxed),
+                                open: s.open.load(Ordering::Relaxed),
+                                connected: s.connected.load(Ordering::Relaxed),
+                                failed: s.failed.load(Ordering::Relaxed),
+                                recovered: s.recoveries.load(Ordering::Relaxed),
+                            }).await;
+                        }
+                        _ = &mut deadline => return Err("deadline reached".into()),
+                    }
+                };
+                emit(Event::Stormed(out)).await;
+            }
+            Cmd::Tracks => {
+                let tracks = lock(&stats.tracks)
+                    .iter()
+                    .map(|t| lock(t).clone())
+                    .collect();
+                emit(Event::Tracks { tracks }).await;
+            }
         }
     }
 }
@@ -235,6 +285,8 @@ pub struct Worker {
     pub frames: Arc<AtomicU64>,
     pub open: Arc<AtomicI64>,
     pub connected: Arc<AtomicU64>,
+    /// Recovery frames its connections received (tracked workers).
+    pub recovered: Arc<AtomicU64>,
     /// Users this worker connects, in order.
     pub users: Vec<String>,
     /// The server it connects to.
@@ -269,6 +321,9 @@ impl Worker {
         if let Auth::Jwt { secret } = &args.auth {
             cmd.arg("--jwt-secret").arg(secret);
         }
+        if args.track {
+            cmd.arg("--track");
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -280,7 +335,13 @@ impl Worker {
         let frames = Arc::new(AtomicU64::new(0));
         let open = Arc::new(AtomicI64::new(0));
         let connected = Arc::new(AtomicU64::new(0));
-        let (f, o, c) = (frames.clone(), open.clone(), connected.clone());
+        let recovered = Arc::new(AtomicU64::new(0));
+        let (f, o, c, rc) = (
+            frames.clone(),
+            open.clone(),
+            connected.clone(),
+            recovered.clone(),
+        );
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -289,11 +350,13 @@ impl Worker {
                         frames,
                         open,
                         connected,
+                        recovered,
                         ..
                     }) => {
                         f.store(frames, Ordering::Relaxed);
                         o.store(open, Ordering::Relaxed);
                         c.store(connected, Ordering::Relaxed);
+                        rc.store(recovered, Ordering::Relaxed);
                     }
                     Ok(ev) => {
                         let _ = tx.send(ev);
@@ -309,6 +372,7 @@ impl Worker {
             frames,
             open,
             connected,
+            recovered,
             users: args.users.clone(),
             url: args.url.clone(),
         })
@@ -330,6 +394,11 @@ impl Worker {
             Ok(None) => Err("worker exited".into()),
             Err(_) => Err(format!("worker did not answer within {limit:?}")),
         }
+    }
+
+    /// The worker's process id (for its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Ends the worker (closing stdin ends it; kill if it lingers).
