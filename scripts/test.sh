@@ -48,9 +48,10 @@ if [ -f client/package.json ]; then
   passed=$((passed + p)); failed=$((failed + f))
 fi
 
-# Last, alone: this test stops and restarts the shared RabbitMQ (see tests/broker_restart.rs).
+# Last, alone: this test stops and restarts the shared RabbitMQ (see tests/it/broker_restart.rs).
+# The integration tests are one binary (tests/it); the filter picks this module's test.
 log "broker restart fault test (stops RabbitMQ for 10 s; runs alone)"
-cargo test --locked --test broker_restart -- --ignored --test-threads=1 2>&1 | tee "$out"
+cargo test --locked --test it -- --ignored --test-threads=1 broker_restart:: 2>&1 | tee "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 count_cargo
 ensure_rabbitmq || status=1
@@ -60,7 +61,7 @@ ensure_rabbitmq || status=1
 # an interrupted earlier run are removed first.
 log "RabbitMQ cluster tests (a 3-node cluster on loopback; runs alone)"
 scripts/cluster.sh prune || true
-cargo test --locked --test cluster -- --ignored --test-threads=1 2>&1 | tee "$out"
+cargo test --locked --test it -- --ignored --test-threads=1 cluster:: 2>&1 | tee "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 count_cargo
 scripts/cluster.sh prune || true

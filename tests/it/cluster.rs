@@ -6,19 +6,15 @@
 //! alone at the end:
 //!
 //! ```text
-//! cargo test --test cluster -- --ignored --test-threads=1
+//! cargo test --test it -- --ignored --test-threads=1 cluster::
 //! ```
-
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cluster::Cluster;
-use common::*;
+use crate::support::cluster::Cluster;
+use crate::support::*;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The harness itself: the cluster forms, a quorum queue spans it, a message published on one
