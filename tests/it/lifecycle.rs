@@ -7,27 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Completes a WebSocket handshake by hand and returns the raw socket: a peer that then never
 /// reads nor answers pings.
 async fn silent_peer(gw: &Gateway, user: &str) -> TcpStream {
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    let req = format!(
-        "GET /ws?user_id={user} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    within("101", async {
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(s.read_u8().await.unwrap());
-        }
-    })
-    .await;
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    s
+    raw_ws(gw.addr, &format!("user_id={user}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
