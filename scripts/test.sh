@@ -41,6 +41,10 @@ if [ -f client/package.json ]; then
   ensure_node && ensure_chromium || exit 1
   log "client: npm ci, build, test (headless Chromium)"
   cargo build --locked --bin wsnotify >/dev/null 2>&1
+  # The browser tests start the binary just built, wherever CARGO_TARGET_DIR puts it.
+  target_dir="${CARGO_TARGET_DIR:-target}"
+  case "$target_dir" in /*) ;; *) target_dir="$PWD/$target_dir" ;; esac
+  export WSNOTIFY_BIN="${WSNOTIFY_BIN:-$target_dir/debug/wsnotify}"
   ( cd client && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test ) 2>&1 | tee "$out"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   p=$(grep -E '^# pass ' "$out" | awk '{s+=$3} END {print s+0}')
