@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wsnotify::conn::mailbox::Mailbox;
 use wsnotify::envelope::Target;
+use wsnotify::mailbox::Mailbox;
 use wsnotify::notification::Notification;
 use wsnotify::registry::{ConnKey, Registry};
 

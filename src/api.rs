@@ -20,12 +20,14 @@
 //! | 411 | no `Content-Length` (chunked bodies are not accepted) |
 //! | 413 | body over `MAX_PUBLISH_BYTES`, or an envelope over `MAX_MESSAGE_BYTES` |
 //! | 503 | the broker link is down, or it did not confirm within `PUBLISH_TIMEOUT_MS` (a broker under a resource alarm blocks publishers): retry later |
+//!
+//! This module must not know how the broker is reached or how frames are routed: it checks,
+//! then hands envelopes to the confirm channel (with a broker) or to the history and registry
+//! (standalone), the same path a broker message takes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amqprs::BasicProperties;
-use amqprs::channel::BasicPublishArguments;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::io::AsyncReadExt;
@@ -193,13 +195,10 @@ async fn process(
             let left = || deadline.saturating_duration_since(Instant::now());
             let mut confirms = Vec::with_capacity(items.len());
             for item in &items {
-                let props = BasicProperties::default()
-                    .with_content_type("application/json")
-                    .with_persistence(true)
-                    .finish();
-                let mut args = BasicPublishArguments::new("", queue);
-                args.mandatory(true);
-                match publisher.publish(props, item.to_vec(), args, left()).await {
+                match publisher
+                    .publish_envelope(queue, item.to_vec(), left())
+                    .await
+                {
                     Ok(c) => confirms.push(c),
                     Err(e) => return error(503, format!("publish failed: {e}")),
                 }

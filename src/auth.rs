@@ -3,6 +3,9 @@
 //! JWT mode checks a signed token from `?token=` or `Authorization: Bearer`; its `sub` is the
 //! user id and its `exp` is required — the connection is later closed with 1008 when it
 //! passes. Insecure mode trusts `?user_id=` and exists for development only.
+//!
+//! This module must not know about sockets or the registry: it answers "who is this" from a
+//! request head, or why not.
 
 use std::sync::Arc;
 

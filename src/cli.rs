@@ -1,4 +1,8 @@
 //! The `publish` and `healthcheck` subcommands (the gateway itself is `serve`).
+//!
+//! It must not know the gateway's internals: `publish` goes through the same
+//! [`Publisher`] a Rust backend would use, and `healthcheck` asks
+//! `/readyz` over HTTP like any probe.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

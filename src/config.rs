@@ -2,9 +2,12 @@
 //! meaning (`SERVER_PORT` / `--server-port`). `wsnotify --help` lists them all.
 //!
 //! Bad configuration must stop start-up with **one** line that names the variable, so an
-//! operator reading a crash-looping container's log sees the cause at once. [`Config::load`]
+//! operator reading a crash-looping container's log sees the cause at once. [`Config::prepare`]
 //! turns both clap's parse errors and our own cross-field checks into a [`ConfigError`] whose
 //! `Display` is that line.
+//!
+//! This module must not know what the settings drive: it parses, validates (one line naming the
+//! variable on error), and hands typed values to [`gateway`](crate::gateway).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -513,7 +516,7 @@ impl Config {
     /// to the hard one either way (every connection is a descriptor), and warns when
     /// `MAX_CONNECTIONS` is more than the limit can hold.
     pub fn effective_max_connections(&self) -> usize {
-        let fit = open_file_limit().saturating_sub(FD_RESERVE).max(1);
+        let fit = raise_open_file_limit().saturating_sub(FD_RESERVE).max(1);
         match self.max_connections {
             None => fit,
             Some(n) => {
@@ -556,7 +559,7 @@ impl Config {
 
 /// Raises the soft open-file limit to the hard one (density needs every descriptor) and
 /// returns it.
-pub fn open_file_limit() -> usize {
+pub fn raise_open_file_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

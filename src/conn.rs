@@ -5,7 +5,7 @@
 //!
 //! * **Reading** goes through tungstenite's codec (masking, fragmentation, control frames,
 //!   size limits, UTF-8, the close handshake) — but an idle socket holds none of it. Bytes are
-//!   read into a per-thread scratch buffer; complete frames are handed to a [`Reader`] (the
+//!   read into a per-thread scratch buffer; complete frames are handed to a `Reader` (`conn/read.rs`) (the
 //!   codec and its protocol state) that exists only while the peer is mid-frame, mid-message
 //!   or closing, and is freed as soon as its state is back to "nothing pending". Pongs, the only
 //!   thing a healthy idle client sends, are recognised without it.
@@ -13,15 +13,17 @@
 //!   already complete wire bytes, shared by every recipient, so the task moves its mailbox
 //!   into a local queue and hands the frames to one `writev(2)` — no copy, no per-connection
 //!   write buffer, one syscall per burst. The queue, with everything else a write needs, lives
-//!   in an [`Outgoing`] box that exists only while something waits for the socket.
+//!   in an `Outgoing` (`conn/write.rs`) box that exists only while something waits for the socket.
 //! * Control frames (our pings, tungstenite's pongs and close frames) go to a small side
 //!   buffer that is written only between whole data frames, so the two never interleave.
-//! * No `split()`, no channel and no timer per connection: the registry's [`Mailbox`] carries
+//! * No `split()`, no channel and no timer per connection: the [`Mailbox`] the registry pushes into carries
 //!   the mailbox, the waker and signals (ping, shutdown, overflow, queue budget, dead peer,
 //!   expired token). The one timer is the close deadline (`CLOSE_TIMEOUT_MS`), and it lives in
-//!   the [`Reader`], which exists while a close handshake is under way.
+//!   the `Reader` (`conn/read.rs`), which exists while a close handshake is under way.
+//!
+//! This module must not know how a frame was routed or who else receives it: it drains its
+//! [`Mailbox`], answers the registry's signals and reports what it wrote.
 
-pub mod mailbox;
 mod read;
 mod write;
 
@@ -36,10 +38,10 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use crate::frame::PING;
+use crate::mailbox::{Mailbox, signal};
 use crate::metrics::Metrics;
 use crate::registry::{ConnKey, Registry};
 use crate::shutdown::Slot;
-use mailbox::{Mailbox, signal};
 use read::{ReadEnd, Reader};
 use write::{Socket, Written};
 
@@ -58,9 +60,9 @@ enum Phase {
 /// A registered connection. Completes when the socket is done; dropping it unregisters.
 pub struct Conn {
     wire: Socket,
-    /// tungstenite, only while the peer has something in progress (see [`Reader`]).
+    /// tungstenite, only while the peer has something in progress (see `Reader` (`conn/read.rs`)).
     reader: Option<Box<Reader>>,
-    handle: Arc<Mailbox>,
+    mailbox: Arc<Mailbox>,
     key: ConnKey,
     ctx: Arc<ConnContext>,
     phase: Phase,
@@ -72,7 +74,7 @@ pub struct Conn {
 /// The default config keeps a 128 KiB read buffer per socket (~130 KB RSS per idle
 /// connection); clients of a push gateway send only pongs and close frames, so a few hundred
 /// bytes suffice. Here the read buffer size is also how much one read takes from the socket,
-/// and the codec (with its buffer) only exists while the peer is mid-frame (see [`Reader`]).
+/// and the codec (with its buffer) only exists while the peer is mid-frame (see `Reader` (`conn/read.rs`)).
 /// tungstenite never buffers notification frames (see the module docs); its own write buffer
 /// only ever holds a control frame.
 pub fn ws_config(read_buffer: usize, max_client_frame: usize) -> WebSocketConfig {
@@ -99,7 +101,7 @@ impl Conn {
     pub fn new(
         sock: TcpStream,
         rest: Vec<u8>,
-        handle: Arc<Mailbox>,
+        mailbox: Arc<Mailbox>,
         key: ConnKey,
         ctx: Arc<ConnContext>,
         slot: Slot,
@@ -113,7 +115,7 @@ impl Conn {
         Conn {
             wire,
             reader,
-            handle,
+            mailbox,
             key,
             ctx,
             phase: Phase::Open,
@@ -127,8 +129,8 @@ impl Conn {
         if matches!(self.phase, Phase::Closing { .. }) {
             return;
         }
-        let released = self.handle.discard_queued() + self.wire.drop_queued();
-        self.ctx.registry.release(self.key, &self.handle, released);
+        let released = self.mailbox.discard_queued() + self.wire.drop_queued();
+        self.ctx.registry.release(self.key, &self.mailbox, released);
         let reader = self
             .reader
             .get_or_insert_with(|| Reader::new(self.ctx.ws_config));
@@ -140,8 +142,8 @@ impl Conn {
         self.phase = Phase::Closing { read };
         // The keepalive sweep is the second bound: it drops a connection silent for two ticks,
         // and from now on nothing the peer sends counts as a sign of life.
-        let tick = self.ctx.registry.tick();
-        self.handle.seen(tick.wrapping_sub(1));
+        let tick = self.ctx.registry.keepalive_tick();
+        self.mailbox.seen(tick.wrapping_sub(1));
     }
 
     /// While closing: whether the peer's time to complete the close handshake is up (if not,
@@ -183,7 +185,7 @@ impl Conn {
         {
             return false;
         }
-        let Some(taken) = self.handle.take_frames() else {
+        let Some(taken) = self.mailbox.take_frames() else {
             return false;
         };
         let p = self.wire.pending();
@@ -249,8 +251,8 @@ impl Conn {
                         .is_some_and(|p| !p.out.is_empty())
             }
             Phase::Closing { .. } => {
-                let charge = self.handle.discard_queued();
-                self.ctx.registry.release(self.key, &self.handle, charge);
+                let charge = self.mailbox.discard_queued();
+                self.ctx.registry.release(self.key, &self.mailbox, charge);
                 false
             }
         }
@@ -263,10 +265,10 @@ impl Conn {
         let res = self.wire.poll_write_out(cx, &mut done);
         self.ctx
             .registry
-            .release(self.key, &self.handle, done.released);
+            .release(self.key, &self.mailbox, done.released);
         if done.frames > 0 {
             if matches!(self.phase, Phase::Open | Phase::Draining) {
-                self.handle.written(done.bytes);
+                self.mailbox.written(done.bytes);
             }
             let m = &self.ctx.metrics;
             m.frames_sent.fetch_add(done.frames, Ordering::Relaxed);
@@ -286,9 +288,9 @@ impl Future for Conn {
     /// side, until there is nothing left to do now.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        this.handle.register_waker(cx.waker());
+        this.mailbox.register_waker(cx.waker());
 
-        let sig = this.handle.take_signals();
+        let sig = this.mailbox.take_signals();
         if sig != 0 && this.on_signals(sig) {
             return Poll::Ready(());
         }
@@ -382,7 +384,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.ctx.registry.unregister(self.key);
         if let Some(p) = &self.wire.pending {
-            self.ctx.registry.release(self.key, &self.handle, p.charge);
+            self.ctx.registry.release(self.key, &self.mailbox, p.charge);
         }
     }
 }
@@ -395,7 +397,7 @@ mod tests {
     fn idle_state_stays_small() {
         // What every idle connection carries (BENCHMARKS.md, per-connection state): the task
         // is a `Conn` and a tag (tokio's 256 B allocation holds it only while that stays
-        // around 120 B), and `Arc<Mailbox>` is in mimalloc's 112 B class while the handle is
+        // around 120 B), and `Arc<Mailbox>` is in mimalloc's 112 B class while the mailbox is
         // 96 B. State needed only while closing or writing belongs in `Reader`/`Outgoing`.
         assert!(std::mem::size_of::<Conn>() <= 96);
         assert!(std::mem::size_of::<Mailbox>() <= 96);

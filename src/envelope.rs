@@ -8,10 +8,13 @@
 //! Parsing uses simd-json's borrowed DOM over a caller-owned scratch buffer: strings in the
 //! result point into that buffer, and `data` is never copied into owned values. simd-json
 //! unescapes strings *in place*, so the buffer it parses is not the body any more; the caller
-//! keeps the original body untouched for the dead-letter queue and hands [`parse`] a scratch
+//! keeps the original body untouched for the dead-letter queue and hands [`Parser::parse`] a scratch
 //! copy (one `memcpy`, no allocation once the buffer has grown).
 //!
 //! Every rejection is an [`Invalid`] whose text becomes the `x-wsnotify-error` header.
+//!
+//! This module must not know what happens to a valid envelope: it parses and says why an invalid
+//! one is invalid (the reason a dead letter carries).
 
 use std::borrow::Cow;
 use std::collections::HashSet;

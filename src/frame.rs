@@ -12,6 +12,9 @@
 //! `user_id` is the *receiving* user's id, so a message to several users yields one frame per
 //! user (all of that user's connections share it); a broadcast yields one frame in total. The
 //! parts around it are encoded once per notification ([`crate::notification`]).
+//!
+//! This module must not know about connections or the broker: it turns a notification's parts
+//! into the bytes a socket gets.
 
 use bytes::{Buf, Bytes};
 use simd_json::prelude::Writable;
@@ -36,7 +39,9 @@ impl Frame {
         &self.0
     }
 
-    /// The JSON payload (the frame without its WebSocket header).
+    /// The JSON payload (the frame without its WebSocket header): what a browser's
+    /// `event.data` holds. The gateway itself only ever writes [`Frame::wire`]; this is for
+    /// checks (the fuzz suite compares it with the contract's frame).
     pub fn json(&self) -> &[u8] {
         let header = match self.0.get(1).map(|b| b & 0x7f) {
             Some(126) => 4,
@@ -44,14 +49,6 @@ impl Frame {
             _ => 2,
         };
         &self.0[header.min(self.0.len())..]
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 
@@ -176,7 +173,7 @@ mod tests {
             assert_eq!(f.wire()[0], 0x81);
             assert_eq!(f.json(), json.as_bytes(), "len {len}");
             assert_eq!(
-                f.len() - json.len(),
+                f.wire().len() - json.len(),
                 if json.len() < 126 {
                     2
                 } else if json.len() <= 65_535 {

@@ -7,6 +7,8 @@
 //! 3. wait until every acked frame sits in a connection's mailbox;
 //! 4. tell every connection to flush and close with 1001;
 //! 5. wait for the last socket, at most `SHUTDOWN_TIMEOUT_MS`.
+//!
+//! It is the one module that knows every other one; none of them knows it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,14 +28,14 @@ use crate::conn::{ConnContext, ws_config};
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::registry::{Limits, Registry};
-use crate::server::{self, Listener, Shared};
+use crate::server::{self, Listener, ServerContext};
 use crate::shutdown::{self, Tracker};
 
 /// A bound, not yet running gateway.
 pub struct Gateway {
     config: Config,
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<ServerContext>,
     link: Arc<Link>,
     /// The broker side's settings; `None` in standalone mode.
     broker: Option<ConsumerConfig>,
@@ -115,7 +117,7 @@ impl Gateway {
             ws_config: ws_config(config.read_buffer_bytes, config.max_client_frame_bytes),
             close_timeout: config.close_timeout(),
         });
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ServerContext {
             auth,
             registry,
             history,
@@ -170,14 +172,14 @@ impl Gateway {
                 .run_keepalive(config.ping_interval(), trigger.subscribe()),
         );
         let consumer = match broker {
-            Some(cfg) => tokio::spawn(amqp::run(
+            Some(cfg) => Some(tokio::spawn(amqp::run(
                 cfg,
                 shared.registry.clone(),
                 shared.history.clone(),
                 shared.metrics.clone(),
                 link,
                 trigger.subscribe(),
-            )),
+            ))),
             None => {
                 if shared.publish_api.is_some() {
                     info!(
@@ -188,7 +190,7 @@ impl Gateway {
                         "standalone mode without PUBLISH_API_KEY: no AMQP_URL and no way to publish; set one of them"
                     );
                 }
-                tokio::spawn(async {})
+                None
             }
         };
         let accept = tokio::spawn(
@@ -207,7 +209,9 @@ impl Gateway {
             .store(false, std::sync::atomic::Ordering::Release);
         trigger.fire();
         let _ = accept.await;
-        let _ = consumer.await;
+        if let Some(consumer) = consumer {
+            let _ = consumer.await;
+        }
         shared.registry.flush().await;
         shared.registry.close_all();
         let open = shared.registry.connections();

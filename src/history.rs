@@ -60,14 +60,14 @@ struct Inner {
 /// What a reconnecting client gets.
 #[derive(Debug)]
 pub struct Replay {
-    pub outcome: Outcome,
+    pub result: Recovery,
     /// The missed notifications, in their original order (empty unless recovered).
     pub missed: Vec<Arc<Notification>>,
 }
 
 /// Whether the gateway can vouch for the gap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Recovery {
     Recovered,
     /// `since` is older than the window, or was never seen here.
     Unknown,
@@ -171,8 +171,8 @@ impl History {
     ) -> (R, Replay) {
         let h = self.inner.lock();
         let replay = h.replay(user, since, max_bytes);
-        let covered = match replay.outcome {
-            Outcome::Recovered => h.next_seq - 1,
+        let covered = match replay.result {
+            Recovery::Recovered => h.next_seq - 1,
             _ => 0,
         };
         (register(covered), replay)
@@ -272,15 +272,15 @@ impl Inner {
     }
 
     fn replay(&self, user: &str, since: &str, max_bytes: usize) -> Replay {
-        let refuse = |outcome| Replay {
-            outcome,
+        let refuse = |result| Replay {
+            result,
             missed: Vec::new(),
         };
         let Some(&from) = self.by_id.get(&self.id_key(since)) else {
-            return refuse(Outcome::Unknown);
+            return refuse(Recovery::Unknown);
         };
         if self.get(from).is_none_or(|e| &*e.notification.id != since) {
-            return refuse(Outcome::Unknown);
+            return refuse(Recovery::Unknown);
         }
         let after = |list: Option<&VecDeque<u64>>| -> Vec<u64> {
             list.map_or_else(Vec::new, |l| {
@@ -306,13 +306,13 @@ impl Inner {
                 let n = &e.notification;
                 bytes += n.frame_len((!n.is_broadcast()).then_some(user));
                 if bytes > max_bytes {
-                    return refuse(Outcome::TooLarge);
+                    return refuse(Recovery::TooLarge);
                 }
                 missed.push(n.clone());
             }
         }
         Replay {
-            outcome: Outcome::Recovered,
+            result: Recovery::Recovered,
             missed,
         }
     }
@@ -354,14 +354,14 @@ mod tests {
             20,
         );
         let ((), r) = h.attach("a", "1", 1 << 20, |last| assert_eq!(last, 5));
-        assert_eq!(r.outcome, Outcome::Recovered);
+        assert_eq!(r.result, Recovery::Recovered);
         assert_eq!(ids(&r), ["2", "4", "5"]);
         let ((), r) = h.attach("b", "2", 1 << 20, |_| ());
         assert_eq!(ids(&r), ["3", "4", "5"]);
         let ((), r) = h.attach("a", "5", 1 << 20, |_| ());
-        assert!(r.outcome == Outcome::Recovered && r.missed.is_empty());
+        assert!(r.result == Recovery::Recovered && r.missed.is_empty());
         let ((), r) = h.attach("a", "nope", 1 << 20, |_| ());
-        assert!(r.outcome == Outcome::Unknown && r.missed.is_empty());
+        assert!(r.result == Recovery::Unknown && r.missed.is_empty());
     }
 
     #[test]
@@ -370,11 +370,11 @@ mod tests {
         h.record(vec![n("old", Target::Broadcast, 1_000)], 1_000);
         h.record(vec![n("new", Target::Broadcast, 1_150)], 1_150);
         assert_eq!(
-            h.attach("a", "old", 1 << 20, |_| ()).1.outcome,
-            Outcome::Unknown,
+            h.attach("a", "old", 1 << 20, |_| ()).1.result,
+            Recovery::Unknown,
             "older than the window"
         );
-        assert!(h.attach("a", "new", 1 << 20, |_| ()).1.outcome == Outcome::Recovered);
+        assert!(h.attach("a", "new", 1 << 20, |_| ()).1.result == Recovery::Recovered);
         assert_eq!(h.stats(1_200).entries, 1);
 
         let one = n("x", Target::User("u".into()), 0).footprint() + 48;
@@ -384,15 +384,15 @@ mod tests {
         }
         let s = h.stats(5);
         assert!(s.entries <= 10 && s.bytes <= one * 10, "{s:?}");
-        assert!(h.attach("u", "95", 1 << 20, |_| ()).1.outcome == Outcome::Recovered);
+        assert!(h.attach("u", "95", 1 << 20, |_| ()).1.result == Recovery::Recovered);
         assert_eq!(
-            h.attach("u", "5", 1 << 20, |_| ()).1.outcome,
-            Outcome::Unknown
+            h.attach("u", "5", 1 << 20, |_| ()).1.result,
+            Recovery::Unknown
         );
         let (covered, r) = h.attach("u", "95", 10, |covered| covered);
         assert_eq!(
-            (covered, r.outcome),
-            (0, Outcome::TooLarge),
+            (covered, r.result),
+            (0, Recovery::TooLarge),
             "over max_bytes"
         );
         h.clear();

@@ -2,6 +2,9 @@
 //! head, parse it with `httparse` (the parser tungstenite itself uses), and write small,
 //! complete responses. Every non-WebSocket response closes the connection; health checks and
 //! scrapes do not need keep-alive, and it keeps this module free of connection state.
+//!
+//! This module must not know about WebSockets, routing or identity: [`server`](crate::server)
+//! decides what to answer.
 
 use std::io;
 

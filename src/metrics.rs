@@ -1,6 +1,9 @@
 //! Counters for `/metrics`, rendered in the Prometheus text format by hand: a handful of
 //! atomics needs no metrics framework, and the hot path only ever does a relaxed `fetch_add`.
 //! Also the standard `process_*` figures, read from `/proc/self` when `/metrics` is scraped.
+//!
+//! This module must not know how its figures are produced: the hot path increments atomics, and
+//! values owned elsewhere arrive as a [`Snapshot`] at scrape time.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -255,7 +258,7 @@ const LATENCY_BOUNDS_US: [u32; 23] = [
 ];
 
 /// `wsnotify_delivery_latency_seconds`, recorded on the hot path: counts per bucket of
-/// [`LATENCY_BOUNDS_US`] (the last one is `+Inf`) and their sum. The registry keeps one per
+/// `LATENCY_BOUNDS_US` (the last one is `+Inf`) and their sum. The registry keeps one per
 /// shard, so connections writing on different threads do not share counters.
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {

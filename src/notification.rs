@@ -157,7 +157,7 @@ mod tests {
             std::str::from_utf8(f.json()).unwrap(),
             r#"{"id":"id-1","type":"welcome","user_id":"u\"1","timestamp":"2026-11-26T10:00:00.123Z","data":{"message":"Welcome!"}}"#
         );
-        assert_eq!(f.len(), n.frame_len(Some("u\"1")) + 1, "one escape");
+        assert_eq!(f.wire().len(), n.frame_len(Some("u\"1")) + 1, "one escape");
         let b: serde_json::Value = serde_json::from_slice(n.frame(None).json()).unwrap();
         assert!(b.get("user_id").is_none());
         assert_eq!(b["data"]["message"], "Welcome!");

@@ -16,11 +16,12 @@
 //! confirmed by the broker: a nack or an unroutable return is an error to the caller. The
 //! `notify_*` methods wait for their confirm; [`Publisher::send`] does not, so a batch can be
 //! pipelined and its confirms awaited together.
+//!
+//! This module must not know about the gateway's side of the queue: it builds and confirms
+//! envelopes exactly as any other backend must (contract §1).
 
 use std::time::Duration;
 
-use amqprs::BasicProperties;
-use amqprs::channel::BasicPublishArguments;
 use amqprs::connection::Connection;
 use serde::Serialize;
 
@@ -160,14 +161,8 @@ impl Publisher {
             .lock()
             .parse(&envelope, self.max_message_bytes)
             .map_err(|e| PublishError::Invalid(e.0))?;
-        let props = BasicProperties::default()
-            .with_content_type("application/json")
-            .with_persistence(true)
-            .finish();
-        let mut args = BasicPublishArguments::new("", &self.queue);
-        args.mandatory(true);
         self.channel
-            .publish(props, envelope, args, self.timeout)
+            .publish_envelope(&self.queue, envelope, self.timeout)
             .await
     }
 

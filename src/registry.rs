@@ -1,7 +1,7 @@
 //! Who is connected, and the route from a frame to their sockets.
 //!
 //! After centrifuge's `hub.go`: a fixed array of shards keyed by a hash of the user id, each a
-//! lock over a slab of connection handles plus a `user → connections` index. Connecting and
+//! lock over a slab of connection mailboxes plus a `user → connections` index. Connecting and
 //! disconnecting touch one shard. The index is intrusive — each slab entry links to the next
 //! connection of the same user — so a user costs one map entry and no extra allocation.
 //!
@@ -20,7 +20,10 @@
 //! task woken for it closes the connections holding the most first (see
 //! [`Registry::cut_largest`]). The budget counts memory, not bytes sent: a broadcast frame is
 //! one allocation shared by every recipient, so each queued copy costs one queue slot
-//! ([`SLOT_BYTES`]); a frame for one user costs its length as well ([`Sharing`]).
+//! ([`SLOT_BYTES`](crate::mailbox::SLOT_BYTES)); a frame for one user costs its length as well ([`Sharing`]).
+//!
+//! This module must not know how a frame is written or how a socket reads: it pushes into
+//! [`Mailbox`]es and raises their signals; each connection's own task does the rest.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -34,9 +37,9 @@ use slab::Slab;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::warn;
 
-use crate::conn::mailbox::{Mailbox, Sharing, signal};
 use crate::envelope::Target;
 use crate::frame::Frame;
+use crate::mailbox::{Mailbox, Sharing, signal};
 use crate::metrics::{LatencyCounts, LatencyHistogram};
 use crate::notification::Notification;
 use crate::shutdown::Shutdown;
@@ -81,7 +84,7 @@ pub struct ConnKey {
 }
 
 struct Entry {
-    handle: Arc<Mailbox>,
+    mailbox: Arc<Mailbox>,
     user: Arc<str>,
     prev: u32,
     next: u32,
@@ -116,7 +119,7 @@ struct Shard {
 /// All connections, sharded.
 pub struct Registry {
     shards: Box<[Shard]>,
-    /// Start of [`Registry::clock`].
+    /// Start of [`Registry::stamp`].
     epoch: Instant,
     hasher: std::hash::RandomState,
     connections: AtomicUsize,
@@ -231,8 +234,8 @@ impl Registry {
     /// notifications, built for it alone) in front of whatever live frames reached it since it
     /// was registered. Called before its task runs; the caller keeps them within
     /// [`Registry::queue_limit`].
-    pub fn prepend(&self, at: ConnKey, handle: &Mailbox, frames: Vec<Bytes>) {
-        let charge = handle.prepend(frames, self.clock());
+    pub fn prepend(&self, at: ConnKey, mailbox: &Mailbox, frames: Vec<Bytes>) {
+        let charge = mailbox.prepend(frames, self.stamp());
         self.charge(usize::from(at.shard), charge);
     }
 
@@ -263,10 +266,10 @@ impl Registry {
     }
 
     /// Gives back the charge of frames written to a socket or dropped by the connection at
-    /// `at` ([`Taken::charge`], [`Mailbox::discard_queued`]).
-    pub fn release(&self, at: ConnKey, handle: &Mailbox, bytes: usize) {
+    /// `at` ([`Taken::charge`](crate::mailbox::Taken::charge), [`Mailbox::discard_queued`]).
+    pub fn release(&self, at: ConnKey, mailbox: &Mailbox, bytes: usize) {
         if bytes > 0 {
-            handle.release(bytes);
+            mailbox.release(bytes);
             self.shards[usize::from(at.shard)]
                 .charge
                 .fetch_sub(bytes as isize, Ordering::AcqRel);
@@ -285,9 +288,9 @@ impl Registry {
         let target = (used - self.budget + self.budget / 8) as usize;
         let mut holders: Vec<(usize, Arc<Mailbox>)> = Vec::new();
         self.for_each(|e| {
-            let c = e.handle.charge();
+            let c = e.mailbox.charge();
             if c > 0 {
-                holders.push((c, e.handle.clone()));
+                holders.push((c, e.mailbox.clone()));
             }
         });
         holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
@@ -305,20 +308,20 @@ impl Registry {
     }
 
     /// Current keepalive tick.
-    pub fn tick(&self) -> u32 {
+    pub fn keepalive_tick(&self) -> u32 {
         self.tick.load(Ordering::Relaxed)
     }
 
     /// Microseconds since the registry started, wrapping (every ~71 minutes): stamps a
     /// notification when it enters routing, for the delivery-latency histogram.
-    pub fn clock(&self) -> u32 {
+    pub fn stamp(&self) -> u32 {
         self.epoch.elapsed().as_micros() as u32
     }
 
     /// Records that a connection (`at`) finished writing frames, the oldest of which entered
-    /// routing at `born` ([`Registry::clock`]).
+    /// routing at `born` ([`Registry::stamp`]).
     pub fn record_delivery(&self, at: ConnKey, born: u32) {
-        let us = self.clock().wrapping_sub(born);
+        let us = self.stamp().wrapping_sub(born);
         self.shards[usize::from(at.shard)].latency.record(us);
     }
 
@@ -334,8 +337,8 @@ impl Registry {
     /// Adds a connection for `user`. Refused once shutdown has begun, so a handshake that
     /// finishes during shutdown cannot slip past [`Registry::close_all`], and when the user
     /// already holds `MAX_CONNECTIONS_PER_USER` connections.
-    pub fn register(&self, user: Arc<str>, handle: Arc<Mailbox>) -> Result<ConnKey, Refused> {
-        self.register_recovering(user, handle, 0)
+    pub fn register(&self, user: Arc<str>, mailbox: Arc<Mailbox>) -> Result<ConnKey, Refused> {
+        self.register_recovering(user, mailbox, 0)
     }
 
     /// [`Registry::register`] for a connection whose recovery replay holds every notification
@@ -343,7 +346,7 @@ impl Registry {
     pub fn register_recovering(
         &self,
         user: Arc<str>,
-        handle: Arc<Mailbox>,
+        mailbox: Arc<Mailbox>,
         covered: u64,
     ) -> Result<ConnKey, Refused> {
         let shard_idx = self.shard_of(&user);
@@ -363,9 +366,9 @@ impl Registry {
                 key = st.conns[key as usize].next;
             }
         }
-        handle.seen(self.tick());
+        mailbox.seen(self.keepalive_tick());
         let key = st.conns.insert(Entry {
-            handle,
+            mailbox,
             user: user.clone(),
             prev: NIL,
             next: head.unwrap_or(NIL),
@@ -399,7 +402,7 @@ impl Registry {
             return;
         };
         // Nothing is pushed to it any more: give back what its mailbox still holds.
-        self.release(at, &entry.handle, entry.handle.discard_queued());
+        self.release(at, &entry.mailbox, entry.mailbox.discard_queued());
         if entry.prev != NIL {
             st.conns[entry.prev as usize].next = entry.next;
         }
@@ -425,7 +428,7 @@ impl Registry {
     /// frame per target user (shared by all of that user's connections), one for a broadcast.
     /// Users who are not connected cost nothing: no frame is built for them.
     pub async fn route(&self, n: &Notification, seq: u64) -> Outcome {
-        let born = self.clock();
+        let born = self.stamp();
         let mut delivered = false;
         let target = &n.target;
         match target {
@@ -501,7 +504,7 @@ impl Registry {
         while key != NIL {
             let e = &st.conns[key as usize];
             if seq > e.covered {
-                charge += e.handle.push(frame, born, self.queue_limit, Sharing::Own);
+                charge += e.mailbox.push(frame, born, self.queue_limit, Sharing::Own);
             }
             key = e.next;
         }
@@ -546,7 +549,7 @@ impl Registry {
     /// Tells every connection to flush and close with 1001, and refuses new ones.
     pub fn close_all(&self) {
         self.closing.store(true, Ordering::Release);
-        self.for_each(|e| e.handle.signal(signal::SHUTDOWN));
+        self.for_each(|e| e.mailbox.signal(signal::SHUTDOWN));
     }
 
     fn for_each(&self, mut f: impl FnMut(&Entry)) {
@@ -566,13 +569,13 @@ impl Registry {
     pub fn keepalive_sweep(&self, now_unix: u64) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         self.for_each(|e| {
-            let seen = e.handle.last_seen();
+            let seen = e.mailbox.last_seen();
             if tick.wrapping_sub(seen) > 2 {
-                e.handle.signal(signal::DEAD);
-            } else if e.handle.expires_at() <= now_unix {
-                e.handle.signal(signal::EXPIRED);
+                e.mailbox.signal(signal::DEAD);
+            } else if e.mailbox.expires_at() <= now_unix {
+                e.mailbox.signal(signal::EXPIRED);
             } else {
-                e.handle.signal(signal::PING);
+                e.mailbox.signal(signal::PING);
             }
         });
     }
@@ -652,7 +655,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
                     Delivery::Broadcast { frame, born, seq } => {
                         for (_, e) in st.conns.iter() {
                             if seq > e.covered {
-                                charge += e.handle.push(&frame, born, limit, Sharing::Shared);
+                                charge += e.mailbox.push(&frame, born, limit, Sharing::Shared);
                             }
                         }
                     }
@@ -674,7 +677,7 @@ async fn dispatch(registry: Arc<Registry>, idx: usize, mut rx: mpsc::Receiver<De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::mailbox::SLOT_BYTES;
+    use crate::mailbox::SLOT_BYTES;
 
     fn notification(target: Target<'static>, data: &[u8]) -> Notification {
         let mut tail = br#","timestamp":"2026-11-26T10:00:00.000Z","data":"#.to_vec();
@@ -820,7 +823,7 @@ mod tests {
             .collect();
         let data = vec![b'1'; 100_000];
         let to = |target| notification(target, &data);
-        let len = |u| to(Target::Broadcast).frame(Some(u)).len() + SLOT_BYTES;
+        let len = |u| to(Target::Broadcast).frame(Some(u)).wire().len() + SLOT_BYTES;
         // A broadcast costs a slot per connection, not its length.
         registry.route(&to(Target::Broadcast), 1).await;
         registry.flush().await;

@@ -5,6 +5,9 @@
 //! boxed future that is freed once the socket is upgraded: the long-lived task then holds only
 //! the [`Conn`], not the memory the handshake needed (an unboxed handshake would size every
 //! connection's task for its whole life).
+//!
+//! This module must not know how notifications arrive: it admits sockets (capacity, identity,
+//! recovery) and hands each upgraded one to its [`Conn`].
 
 use std::io;
 use std::sync::Arc;
@@ -18,11 +21,11 @@ use tracing::{debug, error, warn};
 use crate::api::{self, PublishApi};
 use crate::auth::Authenticator;
 use crate::config::HTTP_HEADROOM;
-use crate::conn::mailbox::Mailbox;
 use crate::conn::{Conn, ConnContext};
 use crate::frame::FrameBuf;
 use crate::history::{self, History};
 use crate::http::{self, Head, HeadError, Response};
+use crate::mailbox::Mailbox;
 use crate::metrics::{Metrics, Snapshot, inc};
 use crate::registry::{ConnKey, Refused, Registry};
 use crate::shutdown::{Shutdown, Slot, Tracker};
@@ -46,7 +49,7 @@ const EXHAUSTED_LOG_EVERY: Duration = Duration::from_secs(1);
 const SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
 
 /// What every socket handler shares.
-pub struct Shared {
+pub struct ServerContext {
     pub auth: Authenticator,
     pub registry: Arc<Registry>,
     /// Recent notifications, for clients reconnecting with `?since=`.
@@ -66,7 +69,7 @@ pub struct Shared {
     pub standalone: bool,
 }
 
-impl Shared {
+impl ServerContext {
     /// `/readyz`: accepting connections and consuming from the broker with the recovery
     /// history filled (or standalone).
     pub fn ready(&self) -> bool {
@@ -98,7 +101,7 @@ impl Shared {
 /// Owns the listening socket and spawns a task per accepted socket.
 pub struct Listener {
     pub listener: TcpListener,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<ServerContext>,
     pub shutdown: Shutdown,
 }
 
@@ -154,7 +157,6 @@ impl Listener {
                 }
             }
         }
-        self.shared.accepting.store(false, Ordering::Release);
     }
 
     fn dispatch(&self, sock: TcpStream) {
@@ -224,7 +226,7 @@ fn refuse_now(sock: TcpStream, r: &Response<'_>) {
 /// Reads the request head and answers it; returns the connection if it was upgraded.
 async fn handshake(
     mut sock: TcpStream,
-    shared: Arc<Shared>,
+    shared: Arc<ServerContext>,
     slot: Slot,
     mut shutdown: Shutdown,
 ) -> Option<Conn> {
@@ -310,33 +312,29 @@ async fn answer(sock: &mut TcpStream, r: Response<'_>) -> Option<Conn> {
 async fn upgrade(
     mut sock: TcpStream,
     head: Head,
-    shared: &Arc<Shared>,
+    shared: &Arc<ServerContext>,
     slot: Slot,
 ) -> Option<Conn> {
     let m = &shared.metrics;
-    let refuse = |status: u16, msg: &'static str| (status, msg);
     let since = query_param(head.query.as_deref(), "since");
     let checked = if head.method != "GET" {
-        Err(refuse(405, "WebSocket upgrade needs GET\n"))
+        Err((405, "WebSocket upgrade needs GET\n"))
     } else if !head.upgrade_websocket {
-        Err(refuse(426, "this endpoint speaks WebSocket only\n"))
+        Err((426, "this endpoint speaks WebSocket only\n"))
     } else if !head.http11 || !head.connection_upgrade || !valid_key(head.ws_key.as_deref()) {
-        Err(refuse(400, "invalid WebSocket handshake\n"))
+        Err((400, "invalid WebSocket handshake\n"))
     } else if head.ws_version.as_deref() != Some("13") {
-        Err(refuse(426, "unsupported WebSocket version\n"))
+        Err((426, "unsupported WebSocket version\n"))
     } else if since
         .as_ref()
         .is_some_and(|s| s.is_empty() || s.len() > MAX_SINCE_BYTES)
     {
-        Err(refuse(400, "since must be 1 to 64 bytes\n"))
+        Err((400, "since must be 1 to 64 bytes\n"))
     } else if !shared.accepting.load(Ordering::Acquire) {
-        Err(refuse(503, "shutting down\n"))
+        Err((503, "shutting down\n"))
     } else if since.is_some() && !shared.warm() {
         // It could not vouch for the gap yet: the client should try another replica.
-        Err(refuse(
-            503,
-            "starting: still reading the recent notifications\n",
-        ))
+        Err((503, "starting: still reading the recent notifications\n"))
     } else if shared.registry.connections() >= shared.max_connections {
         inc(&m.handshakes_over_capacity);
         return answer(&mut sock, Response::text(503, "too many connections\n")).await;
@@ -371,12 +369,12 @@ async fn upgrade(
     // registration happens under the history's lock (see `history`), and the replay goes in
     // front of whatever live frames arrive meanwhile.
     let register = |covered| {
-        let handle = Arc::new(Mailbox::new(identity.expires_at));
+        let mailbox = Arc::new(Mailbox::new(identity.expires_at));
         let key =
             shared
                 .registry
-                .register_recovering(identity.user.clone(), handle.clone(), covered);
-        key.map(|key| (handle, key))
+                .register_recovering(identity.user.clone(), mailbox.clone(), covered);
+        key.map(|key| (mailbox, key))
     };
     let (registered, replay) = match &since {
         None => (register(0), None),
@@ -390,7 +388,7 @@ async fn upgrade(
             (r, Some(replay))
         }
     };
-    let (handle, key) = match registered {
+    let (mailbox, key) = match registered {
         Ok(registered) => registered,
         Err(Refused::Closing) => {
             return answer(&mut sock, Response::text(503, "shutting down\n")).await;
@@ -402,7 +400,7 @@ async fn upgrade(
         }
     };
     if let (Some(since), Some(replay)) = (&since, replay) {
-        recover(shared, &handle, key, &identity.user, since, replay);
+        recover(shared, &mailbox, key, &identity.user, since, replay);
     }
     let accept =
         tungstenite::handshake::derive_accept_key(head.ws_key.as_deref().unwrap_or("").as_bytes());
@@ -417,7 +415,7 @@ async fn upgrade(
     Some(Conn::new(
         sock,
         head.rest,
-        handle,
+        mailbox,
         key,
         shared.conn.clone(),
         slot,
@@ -427,20 +425,20 @@ async fn upgrade(
 /// Queues a recovering connection's first frames: the `wsnotify.recovery` status, then the
 /// missed notifications exactly as first sent (contract §5).
 fn recover(
-    shared: &Shared,
-    handle: &Mailbox,
+    shared: &ServerContext,
+    mailbox: &Mailbox,
     at: ConnKey,
     user: &str,
     since: &str,
     replay: history::Replay,
 ) {
     let m = &shared.metrics;
-    inc(match replay.outcome {
-        history::Outcome::Recovered => &m.recoveries_recovered,
-        history::Outcome::Unknown => &m.recoveries_unknown,
-        history::Outcome::TooLarge => &m.recoveries_too_large,
+    inc(match replay.result {
+        history::Recovery::Recovered => &m.recoveries_recovered,
+        history::Recovery::Unknown => &m.recoveries_unknown,
+        history::Recovery::TooLarge => &m.recoveries_too_large,
     });
-    let recovered = replay.outcome == history::Outcome::Recovered;
+    let recovered = replay.result == history::Recovery::Recovered;
     let missed = replay.missed.len();
     let mut status = FrameBuf::with_capacity(96 + since.len());
     status.push(b"{\"type\":\"wsnotify.recovery\",\"recovered\":");
@@ -456,7 +454,7 @@ fn recover(
     }
     m.frames_replayed
         .fetch_add(missed as u64, Ordering::Relaxed);
-    shared.registry.prepend(at, handle, frames);
+    shared.registry.prepend(at, mailbox, frames);
 }
 
 /// The percent-decoded value of `name` in a query string, if present.

@@ -5,6 +5,9 @@
 //! sockets that would be 20,000 parked waiters. The registry already reaches every connection,
 //! so "stop" is delivered to them through it ([`crate::registry::Registry::close_all`]), and
 //! the [`Tracker`] counts sockets so shutdown can wait for zero.
+//!
+//! This module must not know what is being shut down: the gateway fires the trigger, tasks
+//! listen, and the tracker counts sockets.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

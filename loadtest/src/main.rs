@@ -214,6 +214,10 @@ struct SuiteOpts {
     /// Publish persistent messages (delivery mode 2).
     #[arg(long)]
     persistent: bool,
+    /// Declare the notify queue as a quorum queue, as backends do on a RabbitMQ cluster (give
+    /// the gateway the cluster's nodes with `--env AMQP_URL=…,…`).
+    #[arg(long)]
+    quorum: bool,
     /// RabbitMQ's process id, for its CPU share (default: the `beam.smp` process, if any);
     /// comma-separated for the nodes of a cluster, whose CPU is summed.
     #[arg(long, value_delimiter = ',')]
@@ -520,7 +524,7 @@ async fn run_one(
         &uuid::Uuid::now_v7().simple().to_string()[20..]
     );
     let admin = Publisher::connect(&opts.amqp_url, &queue, 0).await?;
-    admin.declare().await?;
+    admin.declare_as(opts.quorum).await?;
     let result = async {
         let servers =
             Server::start_replicas(kind, replicas, &queue, &opts.amqp_url, &opts.auth(), env)

@@ -104,8 +104,23 @@ impl Publisher {
 
     /// Declares the queue as a backend would: durable, no arguments.
     pub async fn declare(&self) -> Result<(), String> {
+        self.declare_as(false).await
+    }
+
+    /// Declares the queue durable, and as a quorum queue if `quorum` (what backends declare on
+    /// a RabbitMQ cluster, contract §1).
+    pub async fn declare_as(&self, quorum: bool) -> Result<(), String> {
+        let mut table = amqprs::FieldTable::new();
+        if quorum && let Ok(k) = "x-queue-type".try_into() {
+            table.insert(k, "quorum".into());
+        }
         self.ch
-            .queue_declare(QueueDeclareArguments::durable_client_named(&self.queue))
+            .queue_declare(
+                QueueDeclareArguments::new(&self.queue)
+                    .durable(true)
+                    .arguments(table)
+                    .finish(),
+            )
             .await
             .map(|_| ())
             .map_err(|e| format!("declare {}: {e}", self.queue))

@@ -16,6 +16,10 @@
 //! reading their sockets, and neither the send nor the confirm ever completes. Every wait
 //! here therefore has a deadline ([`Confirm::wait`] and [`ConfirmChannel::publish`]'s), and
 //! callers turn it into an error (`POST /api/publish` answers 503).
+//!
+//! This module must not know what is published or why: the ingest taker, `POST /api/publish` and
+//! the [`Publisher`](crate::publisher::Publisher) decide that; it only keeps each publish's
+//! confirm (or return) bounded in time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,7 +38,7 @@ const SEQ_HEADER: &str = "x-wsn-publish-seq";
 
 /// Publishes whose confirm has not arrived, by sequence number.
 #[derive(Default)]
-struct Pending {
+struct Unsettled {
     next: u64,
     waiting: BTreeMap<u64, oneshot::Sender<Settled>>,
     /// Mandatory publishes the broker returned as unroutable; their confirm still follows.
@@ -49,7 +53,7 @@ enum Settled {
     Returned,
 }
 
-impl Pending {
+impl Unsettled {
     fn outcome(&mut self, seq: u64, ok: bool) -> Settled {
         match (self.returned.remove(&seq), ok) {
             (true, _) => Settled::Returned,
@@ -138,7 +142,7 @@ impl Confirm {
 /// A channel whose publishes are confirmed by the broker.
 pub struct ConfirmChannel {
     channel: Channel,
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Mutex<Unsettled>>,
     /// Serialises "take a number, send" so numbers match the broker's order.
     send_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -146,9 +150,9 @@ pub struct ConfirmChannel {
 impl ConfirmChannel {
     pub async fn open(conn: &Connection) -> Result<Self, amqprs::error::Error> {
         let channel = conn.open_channel(None).await?;
-        let pending = Arc::new(Mutex::new(Pending {
+        let pending = Arc::new(Mutex::new(Unsettled {
             next: 1,
-            ..Pending::default()
+            ..Unsettled::default()
         }));
         channel
             .register_callback(ConfirmCallback {
@@ -163,6 +167,25 @@ impl ConfirmChannel {
             pending,
             send_lock: Arc::default(),
         })
+    }
+
+    /// Sends a task envelope to the notify queue the way contract §1 asks backends to:
+    /// through the default exchange, persistent, JSON, and mandatory (so a missing queue is an
+    /// error, not a silent drop). Used by both [`Publisher`](crate::publisher::Publisher) and
+    /// `POST /api/publish`.
+    pub async fn publish_envelope(
+        &self,
+        queue: &str,
+        envelope: Vec<u8>,
+        limit: Duration,
+    ) -> Result<Confirm, PublishError> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json")
+            .with_persistence(true)
+            .finish();
+        let mut args = BasicPublishArguments::new("", queue);
+        args.mandatory(true);
+        self.publish(props, envelope, args, limit).await
     }
 
     /// Sends one message, waiting at most `limit` for the broker to take it; the returned
@@ -220,7 +243,7 @@ impl ConfirmChannel {
 }
 
 struct ConfirmCallback {
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Mutex<Unsettled>>,
 }
 
 #[async_trait]
@@ -288,9 +311,9 @@ mod tests {
 
     #[test]
     fn multiple_settles_everything_up_to_the_tag() {
-        let mut p = Pending {
+        let mut p = Unsettled {
             next: 1,
-            ..Pending::default()
+            ..Unsettled::default()
         };
         let mut rx = Vec::new();
         for seq in 1..=4 {

@@ -24,6 +24,10 @@
 //! invalid ones among them). If the taker dies in between, the messages are redelivered; the
 //! new taker marks them redelivered and replicas drop the copies they already have (see
 //! [`super::log`]).
+//!
+//! This module must not know who is connected: it ends where a record is confirmed. Its own
+//! replica's reader gets the validated notifications through [`Routed`]; routing them to sockets
+//! is the registry's job.
 
 use std::future::Future;
 use std::pin::Pin;

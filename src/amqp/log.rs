@@ -12,6 +12,10 @@
 //! [`Dedupe`] drops a notification whose id was seen in the window (a publisher retrying with
 //! the same `id`), and a redelivered one whose fingerprint was seen (the taker died after its
 //! record was confirmed but before it acked, and the new taker assigned new ids).
+//!
+//! This module must not know how notifications are taken in or validated (the ingest leg's job)
+//! nor how a frame reaches a socket (the registry's and the connection's): it reads records,
+//! drops copies, records history and hands each notification to [`Registry::route`].
 
 use std::collections::{HashSet, VecDeque};
 

@@ -21,6 +21,9 @@
 //! Integers are little-endian. Decoding checks every length and refuses anything malformed
 //! (only something other than a wsnotify taker could have written it); it never panics. A
 //! decoded notification's `head` and `tail` are slices of the record's body: no copy.
+//!
+//! This module must not know about the broker: it turns notifications into bytes and back, and
+//! rejects a record it cannot vouch for instead of guessing.
 
 use std::borrow::Cow;
 

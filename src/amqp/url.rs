@@ -5,6 +5,9 @@
 //! by part (so the default vhost is written `%2f`). amqprs has a URI parser, but it neither
 //! decodes the vhost nor survives a query key without `=`, and a configuration value must never
 //! panic the process.
+//!
+//! This module must not know the rest of the configuration: a bad `AMQP_URL` is its own
+//! [`UrlError`]; `config` names the variable when it reports it.
 
 use std::fmt;
 use std::time::Duration;

@@ -274,7 +274,7 @@ impl Conn {
             }
             let pongs = leading_pongs(data);
             if pongs > 0 {
-                self.handle.seen(self.ctx.registry.tick());
+                self.mailbox.seen(self.ctx.registry.keepalive_tick());
                 data = &data[pongs..];
             }
             if data.is_empty() {
@@ -311,7 +311,7 @@ impl Conn {
             match reader.ctx.read(&mut feed) {
                 Ok(msg) => {
                     if !matches!(self.phase, Phase::Closing { .. }) {
-                        self.handle.seen(self.ctx.registry.tick());
+                        self.mailbox.seen(self.ctx.registry.keepalive_tick());
                     }
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {

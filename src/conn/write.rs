@@ -38,9 +38,9 @@ pub(super) struct Outgoing {
     /// Control frames; `ctrl_off` bytes are written.
     pub(super) ctrl: Vec<u8>,
     pub(super) ctrl_off: usize,
-    /// When the oldest frame in `out` entered routing ([`Registry::clock`]).
+    /// When the oldest frame in `out` entered routing ([`Registry::stamp`]).
     ///
-    /// [`Registry::clock`]: crate::registry::Registry::clock
+    /// [`Registry::stamp`]: crate::registry::Registry::stamp
     pub(super) since: Option<u32>,
     /// What the frames in `out` cost the queue budget: given back in proportion to the frames
     /// written, and in full once `out` is empty ([`Registry::release`]).

@@ -20,7 +20,7 @@ const CLOSED: u32 = 1 << 31;
 /// What one queued frame costs the queue budget besides its bytes: its slot in a queue.
 pub const SLOT_BYTES: usize = std::mem::size_of::<Bytes>();
 
-/// Signals from the registry to a connection's task (bits of [`Mailbox::signals`]).
+/// Signals from the registry to a connection's task (bits of a mailbox's signal word).
 pub mod signal {
     /// Time to send a ping.
     pub const PING: u8 = 1;
@@ -51,7 +51,7 @@ pub struct Mailbox {
     /// dropped, cost the queue budget ([`Sharing`]); with the mailbox's own `charge`, it
     /// ranks connections when the budget runs out. Updated by the connection when it takes
     /// frames and gives their charge back, so a push costs no extra atomic. The two counters
-    /// take the room of one `usize`: the handle stays 96 bytes.
+    /// take the room of one `usize`: the mailbox stays 96 bytes.
     held: AtomicU32,
     waker: AtomicWaker,
     signals: AtomicU8,
@@ -62,14 +62,14 @@ pub struct Mailbox {
 }
 
 /// Frames waiting for the connection's task, and when the oldest of them entered routing
-/// ([`Registry::clock`]), for the delivery-latency histogram.
+/// ([`Registry::stamp`](crate::registry::Registry::stamp)), for the delivery-latency histogram.
 ///
-/// [`Registry::clock`]: crate::registry::Registry::clock
+/// [`Registry::stamp`](crate::registry::Registry::stamp): crate::registry::Registry::stamp
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
     since: u32,
-    /// What `frames` cost the queue budget (fits in what would be padding: the handle stays
+    /// What `frames` cost the queue budget (fits in what would be padding: the mailbox stays
     /// 96 bytes). At most `CLIENT_QUEUE_BYTES` plus a slot per frame, so a `u32` holds it
     /// (the configuration caps `CLIENT_QUEUE_BYTES` at 1 GiB).
     charge: u32,
@@ -79,9 +79,9 @@ struct Queue {
 #[derive(Debug)]
 pub struct Taken {
     pub frames: VecDeque<Bytes>,
-    /// When the oldest of them entered routing ([`Registry::clock`]).
+    /// When the oldest of them entered routing ([`Registry::stamp`](crate::registry::Registry::stamp)).
     pub born: u32,
-    /// What they cost the queue budget: the taker gives it back ([`Registry::release`]) as
+    /// What they cost the queue budget: the taker gives it back ([`Registry::release`](crate::registry::Registry::release)) as
     /// they are written or dropped.
     pub charge: usize,
 }
@@ -119,10 +119,10 @@ impl Mailbox {
         }
     }
 
-    /// Queues a frame that entered routing at `born` ([`Registry::clock`]), unless that would
+    /// Queues a frame that entered routing at `born` ([`Registry::stamp`](crate::registry::Registry::stamp)), unless that would
     /// take the queue over `limit` bytes: then the connection is told to close with 1013 and
     /// the frame is dropped for it alone. Returns what the frame costs the queue budget (0 if
-    /// dropped), for the caller to add to [`Registry::charge`] once per batch.
+    /// dropped), for the caller to add to [`Registry::charge`](crate::registry::Registry::charge) once per batch.
     pub(crate) fn push(&self, frame: &Bytes, born: u32, limit: usize, sharing: Sharing) -> usize {
         let len = frame.len();
         let len32 = len as u32;
@@ -155,7 +155,7 @@ impl Mailbox {
     }
 
     /// Puts `frames` in front of whatever live frames are already queued; returns what they
-    /// cost the queue budget. See [`Registry::prepend`].
+    /// cost the queue budget. See [`Registry::prepend`](crate::registry::Registry::prepend).
     pub(crate) fn prepend(&self, frames: Vec<Bytes>, born: u32) -> usize {
         let len: usize = frames.iter().map(Bytes::len).sum();
         let charge: usize = frames.iter().map(|f| Sharing::Own.charge(f.len())).sum();
@@ -207,7 +207,7 @@ impl Mailbox {
     /// The connection is closing: drops everything in the mailbox, and refuses every frame
     /// from now on (they could not follow its close frame, and they would count against the
     /// budget while the peer takes its time to answer). Returns the dropped frames' charge
-    /// for [`Registry::release`].
+    /// for [`Registry::release`](crate::registry::Registry::release).
     pub fn discard_queued(&self) -> usize {
         self.queued.store(CLOSED, Ordering::Release);
         let mut mb = self.queue.lock();
