@@ -83,7 +83,7 @@ ensure_node() {
   command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 }
 
-# pika, for the README's Python publishing snippet (run by tests/publish.rs).
+# pika, for the README's Python publishing snippet (run by tests/it/publish.rs).
 ensure_pika() {
   python3 -c 'import pika' 2>/dev/null && return 0
   command -v python3 >/dev/null 2>&1 || apt_install python3 python3-pip

@@ -41,6 +41,10 @@ if [ -f client/package.json ]; then
   ensure_node && ensure_chromium || exit 1
   log "client: npm ci, build, test (headless Chromium)"
   cargo build --locked --bin wsnotify >/dev/null 2>&1
+  # The browser tests start the binary just built, wherever CARGO_TARGET_DIR puts it.
+  target_dir="${CARGO_TARGET_DIR:-target}"
+  case "$target_dir" in /*) ;; *) target_dir="$PWD/$target_dir" ;; esac
+  export WSNOTIFY_BIN="${WSNOTIFY_BIN:-$target_dir/debug/wsnotify}"
   ( cd client && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test ) 2>&1 | tee "$out"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   p=$(grep -E '^# pass ' "$out" | awk '{s+=$3} END {print s+0}')
@@ -48,9 +52,10 @@ if [ -f client/package.json ]; then
   passed=$((passed + p)); failed=$((failed + f))
 fi
 
-# Last, alone: this test stops and restarts the shared RabbitMQ (see tests/broker_restart.rs).
+# Last, alone: this test stops and restarts the shared RabbitMQ (see tests/it/broker_restart.rs).
+# The integration tests are one binary (tests/it); the filter picks this module's test.
 log "broker restart fault test (stops RabbitMQ for 10 s; runs alone)"
-cargo test --locked --test broker_restart -- --ignored --test-threads=1 2>&1 | tee "$out"
+cargo test --locked --test it -- --ignored --test-threads=1 broker_restart:: 2>&1 | tee "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 count_cargo
 ensure_rabbitmq || status=1
@@ -60,7 +65,7 @@ ensure_rabbitmq || status=1
 # an interrupted earlier run are removed first.
 log "RabbitMQ cluster tests (a 3-node cluster on loopback; runs alone)"
 scripts/cluster.sh prune || true
-cargo test --locked --test cluster -- --ignored --test-threads=1 2>&1 | tee "$out"
+cargo test --locked --test it -- --ignored --test-threads=1 cluster:: 2>&1 | tee "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 count_cargo
 scripts/cluster.sh prune || true

@@ -66,12 +66,17 @@ pub fn sign_hs256(secret: &str, sub: &str, ttl_secs: u64) -> String {
         sub,
         exp: now_us() / 1_000_000 + ttl_secs,
     };
+    sign_hs256_claims(secret, &claims)
+}
+
+/// An HS256 JWT carrying exactly `claims` (tests also sign expired or odd ones).
+pub fn sign_hs256_claims(secret: &str, claims: &impl serde::Serialize) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
+        claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
-    .expect("HS256 signing of a plain struct cannot fail")
+    .expect("HS256 signing of serializable claims cannot fail")
 }
 
 /// Where and how a pool connects.
@@ -521,14 +526,23 @@ fn upgrade_request(target: &Target, user: &str) -> Vec<u8> {
 fn upgrade_request_since(target: &Target, user: &str, since: Option<&str>) -> Vec<u8> {
     let sep = if target.path.contains('?') { '&' } else { '?' };
     let since = since.map_or(String::new(), |id| format!("&since={id}"));
-    format!(
-        "GET {}{sep}{}{since} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        target.path.replace("{user}", user),
-        target.auth.query(user),
-        target.addr
+    let path = target.path.replace("{user}", user);
+    upgrade_head(
+        &target.addr.to_string(),
+        &format!("{path}{sep}{}{since}", target.auth.query(user)),
     )
     .into_bytes()
+}
+
+/// The RFC 6455 §1.3 example key: every client here sends it.
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// A browser-like upgrade request for `target` (path and query) on `host`.
+pub fn upgrade_head(host: &str, target: &str) -> String {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
 }
 
 /// Connects and upgrades; returns the socket and any bytes read past the response head.
@@ -639,10 +653,91 @@ enum ReadEnd {
 
 /// A client frame: FIN + opcode, masked, with a zero mask (RFC 6455 allows any key).
 fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    out.push(0x80 | payload.len() as u8);
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
+    encode_frame(
+        out,
+        true,
+        0,
+        opcode,
+        payload,
+        Some([0; 4]),
+        payload.len() as u64,
+    );
+}
+
+/// Appends one frame to `out`: FIN bit, RSV bits (`rsv & 7`), opcode, the length `declared`
+/// (whatever `payload` holds, so tests can lie), then `payload`, masked with `mask` if given
+/// (clients must mask; `None` writes a server-style unmasked frame).
+pub fn encode_frame(
+    out: &mut Vec<u8>,
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+    declared: u64,
+) {
+    out.reserve(payload.len() + 14);
+    out.push((u8::from(fin) << 7) | ((rsv & 7) << 4) | (opcode & 0x0f));
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    if declared < 126 {
+        out.push(m | declared as u8);
+    } else if declared <= u64::from(u16::MAX) {
+        out.push(m | 126);
+        out.extend_from_slice(&(declared as u16).to_be_bytes());
+    } else {
+        out.push(m | 127);
+        out.extend_from_slice(&declared.to_be_bytes());
+    }
+    match mask {
+        Some(k) => {
+            out.extend_from_slice(&k);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+}
+
+/// A frame's header, as [`parse_head`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    pub fin: bool,
+    pub opcode: u8,
+    /// The masking key, if the frame is masked.
+    pub mask: Option<[u8; 4]>,
+    /// Bytes of header before the payload (2 to 14).
+    pub len: usize,
+    /// Payload bytes the header declares.
+    pub payload: u64,
+}
+
+/// The header at the start of `b`, or `None` while `b` holds only part of it.
+#[inline]
+pub fn parse_head(b: &[u8]) -> Option<FrameHead> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (len, payload) = match b[1] & 0x7f {
+        126 => (4, u64::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?]))),
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(b.get(2..10)?);
+            (10, u64::from_be_bytes(n))
+        }
+        n => (2, u64::from(n)),
+    };
+    let (len, mask) = if b[1] & 0x80 != 0 {
+        let k = b.get(len..len + 4)?;
+        (len + 4, Some([k[0], k[1], k[2], k[3]]))
+    } else {
+        (len, None)
+    };
+    Some(FrameHead {
+        fin: b[0] & 0x80 != 0,
+        opcode: b[0] & 0x0f,
+        mask,
+        len,
+        payload,
+    })
 }
 
 async fn run(
@@ -810,26 +905,18 @@ fn parse_frames(buf: &[u8], now: u64, pass: &mut Pass) -> usize {
     let mut at = 0;
     while pass.close.is_none() {
         let b = &buf[at..];
-        if b.len() < 2 {
-            break;
-        }
-        let (hdr, len) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (4, u16::from_be_bytes([b[2], b[3]]) as usize),
-            127 if b.len() >= 10 => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&b[2..10]);
-                (10, u64::from_be_bytes(n) as usize)
-            }
-            126 | 127 => break,
-            n => (2, n as usize),
-        };
         // Servers never mask; a masked frame is skipped over all the same.
-        let hdr = hdr + if b[1] & 0x80 != 0 { 4 } else { 0 };
-        if b.len() < hdr + len {
+        let Some(head) = parse_head(b) else {
+            break;
+        };
+        // `parse_head` saw the whole header, so `hdr <= b.len()`.
+        let hdr = head.len;
+        if ((b.len() - hdr) as u64) < head.payload {
             break;
         }
+        let len = head.payload as usize;
         let payload = &b[hdr..hdr + len];
-        match b[0] & 0x0f {
+        match head.opcode {
             0x0..=0x2 => {
                 pass.frames += 1;
                 pass.bytes += len as u64;

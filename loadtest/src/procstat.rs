@@ -1,4 +1,4 @@
-//! Memory and CPU of a process, from `/proc` (Linux).
+//! Memory, CPU and open descriptors of a process, from `/proc` (Linux).
 
 /// Resident set size in bytes (`VmRSS`), or `None` if the process is gone.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
@@ -19,6 +19,22 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some((utime + stime) as f64 / hz)
+}
+
+/// Descriptors the process holds open, or `None` if it is gone (or not ours to read).
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// True while the process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        == Some(false)
 }
 
 /// CPU seconds the whole machine has been busy (all CPUs: user, nice, system, irq, softirq,
@@ -59,5 +75,8 @@ mod tests {
         assert!(rss_bytes(u32::MAX).is_none());
         assert!(find_by_name("no such process name").is_none());
         assert!(machine_busy_secs().unwrap() > 0.0);
+        assert!(open_fds(me).unwrap() >= 3);
+        assert!(alive(me));
+        assert!(!alive(u32::MAX));
     }
 }

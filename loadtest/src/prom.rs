@@ -1,5 +1,7 @@
-//! Reading one histogram out of a Prometheus text exposition (`GET /metrics`).
+//! Plain HTTP/1.1 requests (`GET /metrics`) and reading a Prometheus text exposition: one
+//! sample's value, or one histogram's buckets. The integration tests use these too.
 
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,23 +12,51 @@ use tokio::net::TcpStream;
 /// ascending, `+Inf` last.
 pub type Buckets = Vec<(f64, u64)>;
 
-/// `GET path` over plain HTTP/1.1; returns status and body.
+/// A `GET path` request head with `headers` added (the server answers and closes).
+pub fn get_request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Sends `request` as is and returns everything the server answers until it closes (or
+/// resets the connection: what arrived before is kept).
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    Ok(out)
+}
+
+/// Status and body of a raw HTTP response: status 0 if there is no status line, an empty
+/// body if there is no blank line after the head.
+pub fn parse_response(raw: &str) -> (u16, String) {
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `GET path` over plain HTTP/1.1; returns status and body (`None` on any failure, or after
+/// 5 s).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let work = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), work)
+    let req = get_request(addr, path, &[]);
+    let raw = tokio::time::timeout(Duration::from_secs(5), exchange(addr, req.as_bytes()))
         .await
-        .ok()
-        .flatten()
+        .ok()?
+        .ok()?;
+    let raw = String::from_utf8_lossy(&raw);
+    raw.contains("\r\n\r\n").then(|| parse_response(&raw))
 }
 
 /// The buckets of histogram `name` (series `name_bucket{le="…"}`), if the text has it.
@@ -129,6 +159,14 @@ mod tests {
             vec![(0.00001, 5), (0.0001, 189), (f64::INFINITY, 190)]
         );
         assert!(histogram(text, "y").is_none());
+        assert_eq!(value(text, "x_count"), Some(100.0));
+        assert_eq!(value(text, "x_bucket{le=\"+Inf\"}"), Some(100.0));
+        assert_eq!(value(text, "x"), None);
+        assert_eq!(
+            parse_response("HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"),
+            (200, "body".to_owned())
+        );
+        assert_eq!(parse_response("garbage"), (0, String::new()));
     }
 
     #[test]

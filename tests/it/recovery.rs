@@ -3,14 +3,12 @@
 //! live frames; nothing lost and nothing twice, even while its notifications keep coming, and
 //! through a rolling restart of every replica.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -78,6 +76,7 @@ fn urlencode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_is_checked_and_an_unknown_one_is_not_vouched_for() {
+    let _load = light().await;
     let q = unique("rec_since");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -122,6 +121,7 @@ async fn since_is_checked_and_an_unknown_one_is_not_vouched_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_away_for_ten_seconds_gets_exactly_what_it_missed_as_first_sent() {
+    let _load = light().await;
     let q = unique("rec_away");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -289,6 +289,7 @@ impl Tracker {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_and_live_frames_meet_without_loss_or_repeat_while_notifications_keep_coming() {
+    let _load = light().await;
     let q = unique("rec_seam");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -333,6 +334,7 @@ async fn replay_and_live_frames_meet_without_loss_or_repeat_while_notifications_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_started_after_the_client_left_recovers_it() {
+    let _load = light().await;
     let q = unique("rec_late");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -372,6 +374,7 @@ async fn a_replica_started_after_the_client_left_recovers_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_replica_loses_nothing_for_anyone() {
+    let _load = light().await;
     let q = unique("rec_rolling");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;

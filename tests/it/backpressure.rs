@@ -4,24 +4,18 @@
 //! thousands of them together hold no more memory than `CLIENT_QUEUE_BUDGET_BYTES`, the
 //! largest queues being cut first, while healthy readers lose nothing and keep their latency.
 //!
-//! The tests run one at a time (they measure timing and memory on a shared 2-core machine).
-
-mod common;
-mod reliability_support;
+//! The tests run alone (`heavy`: they measure timing and memory on a shared 2-core machine).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use futures_util::StreamExt;
-use reliability_support::*;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What one tick of a stream publishes.
 #[derive(Clone, Copy)]
@@ -135,7 +129,7 @@ async fn pausing_reader(mut ws: Ws, phase: &str, n: usize) -> (Vec<u64>, Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_pauses_for_200_ms_gets_every_frame() {
-    let _one_at_a_time = SERIAL.lock().await;
+    let _alone = heavy().await;
     const N: u64 = 1_500;
     let q = unique("pauser");
     let mut broker = Broker::connect().await;
@@ -188,7 +182,7 @@ const TCP_CLOSE: u8 = 7;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_read_are_reset_within_the_close_timeout() {
-    let _one_at_a_time = SERIAL.lock().await;
+    let _alone = heavy().await;
     const STALLED: usize = 20;
     const CLOSE_TIMEOUT: Duration = Duration::from_millis(1000);
     let q = unique("stalled");
@@ -383,7 +377,7 @@ impl Sampler {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_non_readers_under_broadcasts_cost_little_memory_and_no_healthy_latency() {
-    let _one_at_a_time = SERIAL.lock().await;
+    let _alone = heavy().await;
     const HEALTHY: usize = 4;
     const WAVES: usize = 20;
     const PER_WAVE: usize = 100;
@@ -523,7 +517,7 @@ async fn two_thousand_non_readers_under_broadcasts_cost_little_memory_and_no_hea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_cuts_the_largest_queues_first_and_bounds_their_memory() {
-    let _one_at_a_time = SERIAL.lock().await;
+    let _alone = heavy().await;
     const HEALTHY: usize = 4;
     const STALLED: usize = 500;
     const QUEUE: u64 = 256 << 10;

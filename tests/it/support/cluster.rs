@@ -1,16 +1,9 @@
 //! A throwaway 3-node RabbitMQ cluster on loopback (`scripts/cluster.sh`) for tests of the
-//! gateway against several nodes, quorum queues and a node lost. Include it next to `common`:
-//!
-//! ```ignore
-//! mod common;
-//! #[path = "common/cluster.rs"]
-//! mod cluster;
-//! ```
+//! gateway against several nodes, quorum queues and a node lost (`support::cluster::Cluster`).
 //!
 //! Nodes are numbered from 1, as in the script. The cluster is stopped and its files deleted
 //! when the [`Cluster`] is dropped, also when the test panics or times out while starting it.
 //! Forming takes 15-40 s on a 2-core machine: start one cluster per test file where you can.
-#![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Stdio;
@@ -25,7 +18,7 @@ use parking_lot::Mutex;
 use tokio::process::Command;
 use wsnotify::amqp::confirm::ConfirmChannel;
 
-use crate::common::{WAIT, within};
+use super::{WAIT, within};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
 /// Above the script's own bound for a start or restart (WSNOTIFY_CLUSTER_TIMEOUT, 180 s).

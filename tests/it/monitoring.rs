@@ -9,11 +9,9 @@
 //! in some configuration needs that configuration in [`SCRAPED_CONFIGS`]. (`promtool check rules`
 //! and `promtool test rules` run from scripts/test.sh when promtool is installed.)
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use common::*;
+use crate::support::*;
 use promql_parser::label::{MatchOp, Matcher};
 use promql_parser::parser::{self, Expr, VectorSelector};
 use promql_parser::util::{ExprVisitor, walk_expr};
@@ -325,6 +323,7 @@ impl Scrape {
 
 #[test]
 fn dashboard_imports_with_one_prometheus_data_source() {
+    let _load = light_blocking();
     let d = dashboard();
     let ds_ref = serde_json::json!({"type": "prometheus", "uid": format!("${{{DS_VARIABLE}}}")});
 
@@ -393,6 +392,7 @@ fn dashboard_imports_with_one_prometheus_data_source() {
 
 #[test]
 fn every_alert_rule_parses_and_says_what_to_do() {
+    let _load = light_blocking();
     let rules = alert_rules();
     let alerts: Vec<&Rule> = rules.groups.iter().flat_map(|g| &g.rules).collect();
     assert!(alerts.len() >= 5, "only {} rules", alerts.len());
@@ -416,6 +416,7 @@ fn every_alert_rule_parses_and_says_what_to_do() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_in_the_dashboard_and_alerts_is_in_a_real_scrape() {
+    let _load = light().await;
     let mut scrape = Scrape::default();
     for env in SCRAPED_CONFIGS {
         let q = unique("monitoring");
@@ -499,6 +500,7 @@ async fn every_metric_in_the_dashboard_and_alerts_is_in_a_real_scrape() {
 
 #[test]
 fn grafana_variables_become_promql() {
+    let _load = light_blocking();
     assert_eq!(
         substitute_grafana_variables(
             r#"rate(x{job=~"$job",instance=~"${instance:regex}"}[$__rate_interval])"#

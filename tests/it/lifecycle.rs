@@ -1,39 +1,24 @@
 //! A connection's life: keepalive, slow readers, oversized frames, client messages, broker
 //! link loss, and graceful shutdown.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
+use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Completes a WebSocket handshake by hand and returns the raw socket: a peer that then never
 /// reads nor answers pings.
 async fn silent_peer(gw: &Gateway, user: &str) -> TcpStream {
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    let req = format!(
-        "GET /ws?user_id={user} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    within("101", async {
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(s.read_u8().await.unwrap());
-        }
-    })
-    .await;
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    s
+    raw_ws(gw.addr, &format!("user_id={user}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_peers_are_closed_and_removed_while_live_ones_stay() {
+    let _load = light().await;
     let q = unique("keepalive");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -65,6 +50,7 @@ async fn silent_peers_are_closed_and_removed_while_live_ones_stay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_too_slowly_is_closed_with_1013_and_others_get_everything() {
+    let _load = light().await;
     let q = unique("slow");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -133,6 +119,7 @@ async fn a_client_that_reads_too_slowly_is_closed_with_1013_and_others_get_every
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_client_frames_close_with_1009_and_client_text_is_ignored() {
+    let _load = light().await;
     let q = unique("clientframes");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -158,21 +145,9 @@ async fn oversized_client_frames_close_with_1009_and_client_text_is_ignored() {
         .await;
 }
 
-/// The broker-side pid of the gateway's AMQP connection.
-fn broker_connection_of(pid: i32) -> Option<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.contains(&format!("\"wsnotify {pid}\"")))
-        .and_then(|l| l.split('\t').next())
-        .map(str::to_owned)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_link_cut_reconnects_without_dropping_clients() {
+    let _load = light().await;
     let q = unique("linkcut");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -185,22 +160,13 @@ async fn broker_link_cut_reconnects_without_dropping_clients() {
 
     let name = within("the gateway's broker connection", async {
         loop {
-            if let Some(n) = tokio::task::spawn_blocking({
-                let pid = gw.pid();
-                move || broker_connection_of(pid)
-            })
-            .await
-            .unwrap()
-            {
+            if let Some(n) = broker_connection_of(gw.pid()).await {
                 return n;
             }
         }
     })
     .await;
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(["close_connection", &name, "wsnotify test: link cut"])
-        .output()
-        .expect("rabbitmqctl");
+    let status = rabbitmqctl(&["close_connection", &name, "wsnotify test: link cut"]).await;
     assert!(status.status.success(), "{status:?}");
 
     gw.wait_log("broker link down").await;
@@ -219,6 +185,7 @@ async fn broker_link_cut_reconnects_without_dropping_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_with_1001_loses_nothing_and_exits_0() {
+    let _load = light().await;
     let q = unique("sigterm");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;

@@ -1,11 +1,19 @@
 //! Test harness: the real `wsnotify` binary as a child process, the real local RabbitMQ, and
 //! real WebSocket clients. Every test gets its own queue names and an OS-assigned port, and
 //! removes its queues when it ends (even when it fails).
+//!
+//! [`raw`]: hand-built WebSocket frames on raw sockets and readings of `/proc`;
+//! [`cluster`]: a throwaway 3-node RabbitMQ cluster.
 #![allow(dead_code)]
+
+pub mod cluster;
+mod raw;
+
+pub use raw::*;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use amqprs::channel::{
@@ -16,7 +24,7 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
@@ -24,7 +32,70 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The broker when `AMQP_URL` is not set (`scripts/test.sh` exports it).
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The broker every test uses: `AMQP_URL`, or [`DEFAULT_AMQP_URL`].
+pub fn amqp_url() -> &'static str {
+    static URL: LazyLock<String> = LazyLock::new(|| {
+        std::env::var("AMQP_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned())
+    });
+    &URL
+}
+
+/// Connection arguments for [`amqp_url`].
+pub fn amqp_args() -> OpenConnectionArguments {
+    loadtest::publish::parse_amqp_url(amqp_url())
+        .unwrap_or_else(|e| panic!("AMQP_URL for the tests: {e}"))
+}
+
+/// Tests share one process (and its 20,000 open files) and two cores. A test that opens
+/// thousands of sockets or asserts latency, CPU or memory holds [`heavy`] for its whole run and
+/// so runs alone; every other test holds [`light`] (or [`light_blocking`]) and runs beside
+/// other light tests. The lock is fair: once a heavy test waits, light tests that start later
+/// wait behind it.
+static LOAD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Runs the calling test alone (see [`LOAD`]).
+pub async fn heavy() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    LOAD.write().await
+}
+
+/// Lets the calling test run beside other light tests, never beside a heavy one.
+pub async fn light() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    LOAD.read().await
+}
+
+/// [`light`] for a synchronous `#[test]`.
+pub fn light_blocking() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    LOAD.blocking_read()
+}
+
+/// `rabbitmqctl ARGS…` against the local node, without blocking the test's runtime; bounded
+/// by [`WAIT`].
+pub async fn rabbitmqctl(args: &[&str]) -> std::process::Output {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    within(&format!("rabbitmqctl {args:?}"), out)
+        .await
+        .expect("rabbitmqctl")
+}
+
+/// The broker-side name of the AMQP connection of gateway `pid` (its `connection_name` is
+/// `wsnotify <pid>`), once the broker lists it.
+pub async fn broker_connection_of(pid: i32) -> Option<String> {
+    let out = rabbitmqctl(&["list_connections", "pid", "client_properties", "-q"]).await;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&format!("\"wsnotify {pid}\"")))
+        .and_then(|l| l.split('\t').next())
+        .map(str::to_owned)
+}
 /// Upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -65,7 +136,7 @@ impl Gateway {
 
     /// Starts the gateway and waits only until it listens.
     pub async fn spawn(queue: &str, env: &[(&str, &str)]) -> Gateway {
-        let mut with_broker = vec![("AMQP_URL", AMQP_URL)];
+        let mut with_broker = vec![("AMQP_URL", amqp_url())];
         with_broker.extend_from_slice(env);
         Self::spawn_without_broker(queue, &with_broker).await
     }
@@ -181,12 +252,8 @@ impl Gateway {
     /// The value of a metric line (`name{labels}` exactly as rendered).
     pub async fn metric(&self, series: &str) -> u64 {
         let (_, body) = self.get("/metrics").await;
-        body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("metric {series} missing in:\n{body}"))
-            .trim()
-            .parse()
-            .unwrap()
+        loadtest::prom::value(&body, series)
+            .unwrap_or_else(|| panic!("metric {series} missing in:\n{body}")) as u64
     }
 
     /// Waits until a metric reaches `want`.
@@ -256,42 +323,21 @@ impl Gateway {
 
 /// A raw HTTP/1.1 GET with extra headers; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let raw = http_raw(addr, &{
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req
-    })
-    .await;
+    let raw = http_raw(addr, &loadtest::prom::get_request(addr, path, headers)).await;
     parse_response(&raw)
 }
 
-/// Status and body of a raw HTTP response.
-pub fn parse_response(raw: &str) -> (u16, String) {
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+pub use loadtest::prom::parse_response;
 
 /// Sends raw bytes and returns everything the server answers before closing.
 pub async fn http_raw(addr: SocketAddr, request: &str) -> String {
-    within("HTTP response", async {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        s.write_all(request.as_bytes()).await.expect("write");
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out).await;
-        String::from_utf8_lossy(&out).into_owned()
-    })
+    let raw = within(
+        "HTTP response",
+        loadtest::prom::exchange(addr, request.as_bytes()),
+    )
     .await
+    .expect("connect and write");
+    String::from_utf8_lossy(&raw).into_owned()
 }
 
 pub async fn connect(url: &str) -> Ws {
@@ -365,10 +411,9 @@ pub struct Broker {
 
 impl Broker {
     pub async fn connect() -> Broker {
-        let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
-        let conn = within("broker connect", Connection::open(&args))
+        let conn = within("broker connect", Connection::open(&amqp_args()))
             .await
-            .expect("RabbitMQ at 127.0.0.1:5672");
+            .unwrap_or_else(|e| panic!("RabbitMQ at {}: {e}", amqp_url()));
         let ch = conn.open_channel(None).await.expect("channel");
         Broker {
             conn,
@@ -458,8 +503,7 @@ impl Drop for Broker {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
-                if let Ok(conn) = Connection::open(&args).await
+                if let Ok(conn) = Connection::open(&amqp_args()).await
                     && let Ok(ch) = conn.open_channel(None).await
                 {
                     for q in queues {

@@ -8,26 +8,22 @@
 //! runs on its own after the parallel pass:
 //!
 //! ```text
-//! cargo test --test broker_restart -- --ignored --test-threads=1
+//! cargo test --test it -- --ignored --test-threads=1 broker_restart::
 //! ```
 //!
 //! It stops the broker with `rabbitmqctl stop_app` and starts it with `start_app` (the node
 //! stays up: 0.5 s + 1 s instead of a 7 s cold start; to clients it is the same outage — the
 //! listener is gone and non-durable state is dropped). A guard restarts the broker if the
-//! test fails half-way. `WSNOTIFY_TEST_RABBITMQ_NODE` (passed as `rabbitmqctl -n`) and
-//! `WSNOTIFY_TEST_AMQP_PORT` point it at another node; `WSNOTIFY_RESTART_DOWN_SECS` sets the
-//! outage (default 10).
-
-mod common;
-mod reliability_support;
+//! test fails half-way. The node is the one at `AMQP_URL`; `WSNOTIFY_TEST_RABBITMQ_NODE`
+//! (passed as `rabbitmqctl -n`) and `WSNOTIFY_TEST_AMQP_PORT` point it at another node;
+//! `WSNOTIFY_RESTART_DOWN_SECS` sets the outage (default 10).
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use parking_lot::Mutex;
-use reliability_support::*;
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 use wsnotify::publisher::Publisher;
@@ -35,22 +31,39 @@ use wsnotify::publisher::Publisher;
 /// The broker node under test, driven with `rabbitmqctl`.
 struct Rabbit {
     node: Option<String>,
-    port: u16,
+    /// `AMQP_URL` of the node.
+    url: String,
+    /// `host:port` of its AMQP listener.
+    addr: String,
 }
 
 impl Rabbit {
     fn from_env() -> Rabbit {
+        let url = match std::env::var("WSNOTIFY_TEST_AMQP_PORT") {
+            Ok(port) => format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            Err(_) => amqp_url().to_owned(),
+        };
+        // amqp://user:pass@host:port/vhost → host:port (5672 when the URL gives no port).
+        let authority = url
+            .strip_prefix("amqp://")
+            .unwrap_or(&url)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let addr = match hostport.rsplit_once(':') {
+            Some(_) => hostport.to_owned(),
+            None => format!("{hostport}:5672"),
+        };
         Rabbit {
             node: std::env::var("WSNOTIFY_TEST_RABBITMQ_NODE").ok(),
-            port: std::env::var("WSNOTIFY_TEST_AMQP_PORT")
-                .ok()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(5672),
+            url,
+            addr,
         }
     }
 
     fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        self.url.clone()
     }
 
     fn ctl(&self, args: &[&str]) -> std::process::Output {
@@ -62,7 +75,7 @@ impl Rabbit {
     }
 
     fn up(&self) -> bool {
-        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        std::net::TcpStream::connect(self.addr.as_str()).is_ok()
     }
 
     fn stop(&self) {

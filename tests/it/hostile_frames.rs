@@ -5,13 +5,9 @@
 //! (1002 protocol error, 1007 invalid UTF-8, 1009 over `MAX_CLIENT_FRAME_BYTES`), after which
 //! the gateway ends the TCP connection and forgets the socket.
 
-mod common;
-mod reliability_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use reliability_support::*;
+use crate::support::*;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -151,6 +147,7 @@ fn violations() -> Vec<(String, Vec<u8>, u16)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rfc6455_violations_fail_the_connection_with_the_right_code() {
+    let _load = light().await;
     let q = unique("hostile_rfc");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -178,6 +175,7 @@ async fn rfc6455_violations_fail_the_connection_with_the_right_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_but_valid_client_traffic_is_ignored_and_the_socket_keeps_working() {
+    let _load = light().await;
     let q = unique("hostile_valid");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -276,6 +274,7 @@ async fn pump(s: &mut tokio::net::TcpStream, chunk: &[u8], times: usize, stall: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_is_answered_pong_for_ping_but_cannot_grow_gateway_memory() {
+    let _alone = heavy().await;
     let q = unique("hostile_pingflood");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -363,6 +362,7 @@ async fn a_ping_flood_is_answered_pong_for_ping_but_cannot_grow_gateway_memory()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_client_messages_is_read_ignored_and_costs_no_memory() {
+    let _alone = heavy().await;
     let q = unique("hostile_textflood");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;

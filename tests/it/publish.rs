@@ -1,11 +1,9 @@
 //! Publishing without hand-building envelopes: the Rust `Publisher`, `wsnotify publish`,
 //! `POST /api/publish` (with a broker and standalone), and the README's Python snippet.
 
-mod common;
-
 use std::process::Stdio;
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use wsnotify::amqp::confirm::PublishError;
@@ -15,6 +13,7 @@ const KEY: &str = "publish-key-0123456789";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_api_reaches_users_through_the_broker_with_confirms() {
+    let _load = light().await;
     let q = unique("pubapi");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -22,7 +21,7 @@ async fn publisher_api_reaches_users_through_the_broker_with_confirms() {
     let mut alice = gw.connect_user("alice").await;
     let mut bob = gw.connect_user("bob").await;
 
-    let p = Publisher::connect(AMQP_URL, &q).await.expect("connect");
+    let p = Publisher::connect(amqp_url(), &q).await.expect("connect");
     p.notify_user("alice", "welcome", &json!({"message": "Welcome!"}))
         .await
         .expect("confirmed");
@@ -97,13 +96,14 @@ async fn cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (Option<i32>, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_publishes_user_users_broadcast_and_bulk_stdin() {
+    let _load = light().await;
     let q = unique("pubcli");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
     let gw = Gateway::start(&q, &[]).await;
     let mut a = gw.connect_user("a").await;
     let mut b = gw.connect_user("b").await;
-    let env = [("AMQP_URL", AMQP_URL), ("NOTIFY_QUEUE", q.as_str())];
+    let env = [("AMQP_URL", amqp_url()), ("NOTIFY_QUEUE", q.as_str())];
 
     let (code, out, err) = cli(
         &["--user", "a", "--type", "welcome", "--data", r#"{"k":1}"#],
@@ -170,6 +170,7 @@ async fn cli_publishes_user_users_broadcast_and_bulk_stdin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_stdin_publishes_each_line_as_it_arrives() {
+    let _load = light().await;
     let q = unique("pubstream");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -178,7 +179,7 @@ async fn cli_stdin_publishes_each_line_as_it_arrives() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsnotify"))
         .args(["publish", "--stdin"])
         .env_clear()
-        .env("AMQP_URL", AMQP_URL)
+        .env("AMQP_URL", amqp_url())
         .env("NOTIFY_QUEUE", &q)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -225,6 +226,7 @@ async fn post(gw: &Gateway, key: Option<&str>, body: &str) -> (u16, serde_json::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_publish_through_the_broker_and_every_error_status() {
+    let _load = light().await;
     let q = unique("pubhttp");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -318,6 +320,7 @@ async fn http_publish_through_the_broker_and_every_error_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_mode_runs_without_a_broker() {
+    let _load = light().await;
     let q = unique("standalone");
     let gw = Gateway::spawn_without_broker(&q, &[("PUBLISH_API_KEY", KEY)]).await;
     gw.wait_log("standalone mode").await;
@@ -347,6 +350,7 @@ async fn standalone_mode_runs_without_a_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_python_snippet_publishes() {
+    let _load = light().await;
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let snippet = readme
@@ -365,7 +369,7 @@ async fn the_readme_python_snippet_publishes() {
         tokio::process::Command::new("python3")
             .arg("-c")
             .arg(snippet)
-            .env("AMQP_URL", AMQP_URL)
+            .env("AMQP_URL", amqp_url())
             .env("NOTIFY_QUEUE", &q)
             .env("USER_ID", "3f0c-user")
             .output(),

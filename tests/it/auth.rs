@@ -2,30 +2,19 @@
 //! `?token=` or `Authorization: Bearer`, or `?user_id=` in the explicit insecure mode.
 //! Refusals are HTTP 401 and never become WebSockets.
 
-mod common;
-
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use common::*;
+use crate::support::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 
+/// Seconds since the Unix epoch (JWT `exp`).
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    now_us() / 1_000_000
 }
 
 fn hs256(claims: serde_json::Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    loadtest::client::sign_hs256_claims(SECRET, &claims)
 }
 
 fn fixture(name: &str) -> String {
@@ -40,6 +29,7 @@ async fn jwt_gateway(q: &str, extra: &[(&str, &str)]) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hs256_token_in_query_or_bearer_header_identifies_the_user() {
+    let _load = light().await;
     let q = unique("jwt");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -65,6 +55,7 @@ async fn hs256_token_in_query_or_bearer_header_identifies_the_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_get_401_before_any_upgrade() {
+    let _load = light().await;
     let q = unique("jwt401");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -140,12 +131,7 @@ async fn bad_credentials_get_401_before_any_upgrade() {
             "other secret",
             format!(
                 "token={}",
-                encode(
-                    &Header::default(),
-                    &good,
-                    &EncodingKey::from_secret(b"another-secret-0123456789")
-                )
-                .unwrap()
+                loadtest::client::sign_hs256_claims("another-secret-0123456789", &good)
             ),
         ),
         ("oversized", format!("token={}", "a".repeat(5000))),
@@ -189,6 +175,7 @@ fn base64_url(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs256_and_es256_public_keys() {
+    let _load = light().await;
     for (alg, private, public) in [
         (Algorithm::RS256, "rsa_private.pem", "rsa_public.pem"),
         (Algorithm::ES256, "ec_private.pem", "ec_public.pem"),
@@ -236,6 +223,7 @@ async fn rs256_and_es256_public_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_is_closed_with_1008_when_its_token_expires() {
+    let _load = light().await;
     let q = unique("expiry");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -249,6 +237,7 @@ async fn connection_is_closed_with_1008_when_its_token_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_mode_is_explicit_and_warns_at_start() {
+    let _load = light().await;
     let q = unique("insecure");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;

@@ -11,11 +11,8 @@
 //! unchanged, with a reason.
 //!
 //! Case counts: `WSNOTIFY_FUZZ_CASES` (default 1000 per property) — e.g.
-//! `WSNOTIFY_FUZZ_CASES=200000 cargo test --release --test fuzz_envelope -- --nocapture`.
+//! `WSNOTIFY_FUZZ_CASES=200000 cargo test --release --test it -- --nocapture fuzz_envelope::`.
 //! Each property prints how many inputs it ran and how they ended.
-
-mod common;
-mod reliability_support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,6 +22,8 @@ use serde_json::{Value, json};
 use wsnotify::amqp::record::{self, Origin, Record, RecordBuilder};
 use wsnotify::envelope::{Parser, Target};
 use wsnotify::notification::Notification;
+
+use crate::support::{light, light_blocking};
 
 const MAX: usize = 65_536;
 const TS: &str = "2026-11-26T10:00:00.123Z";
@@ -587,6 +586,7 @@ fn model(v: &Value, body_len: usize, max: usize) -> Result<Model, ()> {
 
 #[test]
 fn arbitrary_bytes_never_panic_and_every_rejection_has_a_reason() {
+    let _load = light_blocking();
     big_stack(|| {
         let tally = Tally::default();
         // Raw bytes, and bytes drawn from JSON's alphabet (to get past the first character).
@@ -613,6 +613,7 @@ fn arbitrary_bytes_never_panic_and_every_rejection_has_a_reason() {
 
 #[test]
 fn structured_envelopes_are_accepted_exactly_when_the_contract_says() {
+    let _load = light_blocking();
     big_stack(|| {
         let tally = Tally::default();
         runner()
@@ -669,6 +670,7 @@ fn structured_envelopes_are_accepted_exactly_when_the_contract_says() {
 /// Small edits of a valid body: a byte flipped, inserted, removed, or the body cut short.
 #[test]
 fn mutated_envelopes_never_panic_and_frames_stay_valid_json() {
+    let _load = light_blocking();
     big_stack(|| {
         let tally = Tally::default();
         let edits =
@@ -708,6 +710,7 @@ fn mutated_envelopes_never_panic_and_frames_stay_valid_json() {
 /// work on the ingest task); `benches/envelope.rs` times it.
 #[test]
 fn long_user_id_lists_are_deduplicated_in_first_seen_order() {
+    let _load = light_blocking();
     big_stack(|| {
         let tally = Tally::default();
         // Each case builds and checks up to 10,000 frames.
@@ -761,6 +764,7 @@ fn long_user_id_lists_are_deduplicated_in_first_seen_order() {
 /// message is rejected — never turned into something that is not JSON.
 #[test]
 fn tricky_json_in_data_is_forwarded_unchanged_or_rejected() {
+    let _load = light_blocking();
     big_stack(|| {
         let tally = Tally::default();
         let tricky: Vec<String> = [
@@ -850,6 +854,7 @@ fn tricky_json_in_data_is_forwarded_unchanged_or_rejected() {
 /// exactly the frame the nesting calls for.
 #[test]
 fn deep_nesting_is_forwarded_up_to_the_limit_and_rejected_beyond_it() {
+    let _load = light_blocking();
     for depth in [100usize, 500, 1000, 1022, 1023, 1024, 1025, 2000, 20_000] {
         for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
             let data = format!("{}1{}", open.repeat(depth), close.repeat(depth));
@@ -894,14 +899,15 @@ fn deep_nesting_is_forwarded_up_to_the_limit_and_rejected_beyond_it() {
 /// dead-lettered, body unchanged, with a reason; the consumer never stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzzed_bodies_through_the_broker_are_delivered_or_dead_lettered_with_a_reason() {
-    use common::*;
+    use crate::support::{Broker, Gateway, spawn_reader, unique, within};
     use proptest::strategy::ValueTree;
+    let _load = light().await;
 
     let q = unique("fuzz_e2e");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
     let gw = Gateway::start(&q, &[("MAX_MESSAGE_BYTES", "4096")]).await;
-    let mut listener = reliability_support::spawn_reader(gw.connect_user("fuzz-user").await);
+    let mut listener = spawn_reader(gw.connect_user("fuzz-user").await);
 
     // A deterministic sample: structured envelopes (targets rewritten to users who are or are
     // not connected), mutated bodies and raw bytes.

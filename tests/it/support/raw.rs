@@ -1,34 +1,26 @@
-//! Helpers shared by the reliability, hostile-input and fuzz suites: raw WebSocket sockets and
-//! hand-built frames (to say exactly what goes on the wire), and readings of the gateway
-//! process from `/proc` (RSS, CPU time, open descriptors).
-#![allow(dead_code)]
+//! Raw WebSocket sockets and hand-built frames (to say exactly what goes on the wire), and
+//! readings of the gateway process from `/proc` (RSS, CPU time, open descriptors). The framing
+//! and `/proc` readers are the load generator's (`loadtest::client`, `loadtest::procstat`).
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use loadtest::client::{encode_frame, parse_head, upgrade_head};
+use loadtest::procstat;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// The RFC 6455 §1.3 example key.
-pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub use loadtest::client::now_us;
 
 /// Bounds a wait without failing: `None` when `limit` passed.
 pub async fn bounded<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
     tokio::time::timeout(limit, fut).await.ok()
 }
 
-/// Microseconds since the Unix epoch (the clock publishers stamp into `data`).
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 /// The upgrade request for `query`, as a browser would send it.
 pub fn upgrade_request(query: &str) -> String {
-    format!(
-        "GET /ws?{query} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n"
-    )
+    upgrade_head("x", &format!("/ws?{query}"))
 }
 
 /// Reads a response head (up to the blank line) and returns it.
@@ -85,25 +77,8 @@ pub fn frame_with_len(
     mask: Option<[u8; 4]>,
     declared: u64,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push((u8::from(fin) << 7) | ((rsv & 7) << 4) | (opcode & 0x0f));
-    let m = if mask.is_some() { 0x80 } else { 0 };
-    if declared < 126 {
-        out.push(m | declared as u8);
-    } else if declared <= u64::from(u16::MAX) {
-        out.push(m | 126);
-        out.extend_from_slice(&(declared as u16).to_be_bytes());
-    } else {
-        out.push(m | 127);
-        out.extend_from_slice(&declared.to_be_bytes());
-    }
-    match mask {
-        Some(k) => {
-            out.extend_from_slice(&k);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-        }
-        None => out.extend_from_slice(payload),
-    }
+    let mut out = Vec::new();
+    encode_frame(&mut out, fin, rsv, opcode, payload, mask, declared);
     out
 }
 
@@ -127,17 +102,17 @@ pub const OP_PONG: u8 = 0xA;
 
 /// One server frame: (fin, opcode, payload). Server frames must not be masked.
 pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<(bool, u8, Vec<u8>)> {
-    let b0 = s.read_u8().await?;
-    let b1 = s.read_u8().await?;
-    assert_eq!(b1 & 0x80, 0, "server frames are never masked");
-    let len = match b1 & 0x7f {
-        126 => u64::from(s.read_u16().await?),
-        127 => s.read_u64().await?,
-        n => u64::from(n),
+    let mut head = Vec::with_capacity(14);
+    let head = loop {
+        if let Some(h) = parse_head(&head) {
+            break h;
+        }
+        head.push(s.read_u8().await?);
     };
-    let mut payload = vec![0; len as usize];
+    assert!(head.mask.is_none(), "server frames are never masked");
+    let mut payload = vec![0; head.payload as usize];
     s.read_exact(&mut payload).await?;
-    Ok((b0 & 0x80 != 0, b0 & 0x0f, payload))
+    Ok((head.fin, head.opcode, payload))
 }
 
 /// How a server-side close looked from the client.
@@ -205,49 +180,24 @@ pub async fn read_text(s: &mut TcpStream, limit: Duration) -> serde_json::Value 
     .expect("a text frame in time")
 }
 
-/// Resident set size of `pid`, in KiB.
+/// Resident set size of `pid`, in KiB (0 once it is gone).
 pub fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    procstat::rss_bytes(pid as u32).map_or(0, |b| b / 1024)
 }
 
 /// CPU time (user + system) `pid` has used so far.
 pub fn cpu_time(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state field.
-    let total = ticks(11) + ticks(12);
-    // SAFETY: sysconf only reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(total * 1_000_000 / hz)
+    Duration::from_secs_f64(procstat::cpu_secs(pid as u32).unwrap_or(0.0))
 }
 
 /// Descriptors `pid` holds open.
 pub fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+    procstat::open_fds(pid as u32).unwrap_or(0)
 }
 
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        == Some(false)
+    procstat::alive(pid as u32)
 }
 
 /// Sets `pid`'s open-file limit (soft and hard) with prlimit(2).

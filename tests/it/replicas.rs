@@ -2,14 +2,12 @@
 //! every connection it is meant for, on whichever replica, once and in order — through
 //! replica crashes and rolling restarts.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -116,6 +114,7 @@ fn assert_contiguous(who: &str, seqs: &[i64]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_deliver_every_message_once_in_order_wherever_users_are() {
+    let _load = light().await;
     let q = unique("replicas");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -228,6 +227,7 @@ async fn published_more(count: &AtomicU64, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_taker_mid_stream_loses_and_duplicates_nothing_for_the_others() {
+    let _load = light().await;
     let q = unique("kill9");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -285,6 +285,7 @@ async fn killing_the_taker_mid_stream_loses_and_duplicates_nothing_for_the_other
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_keeps_users_of_the_other_replicas_whole() {
+    let _load = light().await;
     let q = unique("rolling");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;

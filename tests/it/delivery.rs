@@ -1,9 +1,7 @@
 //! Messages published to RabbitMQ reach exactly the connections they are meant for, as the
 //! contract's frame, with `data` unchanged.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 /// The frame's fields are exactly the contract's, in a broadcast and in a user frame.
@@ -25,6 +23,7 @@ fn assert_frame_shape(f: &serde_json::Value, user: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_message_reaches_every_connection_of_that_user_and_nobody_else() {
+    let _load = light().await;
     let q = unique("user");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -59,6 +58,7 @@ async fn user_message_reaches_every_connection_of_that_user_and_nobody_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_ids_reach_each_listed_user_with_their_own_user_id() {
+    let _load = light().await;
     let q = unique("users");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -88,6 +88,7 @@ async fn user_ids_reach_each_listed_user_with_their_own_user_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_reaches_every_connection_with_one_id_and_data_unchanged() {
+    let _load = light().await;
     let q = unique("broadcast");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -128,6 +129,7 @@ async fn broadcast_reaches_every_connection_with_one_id_and_data_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_id_is_kept_and_data_defaults_to_null() {
+    let _load = light().await;
     let q = unique("ids");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -144,6 +146,7 @@ async fn publisher_id_is_kept_and_data_defaults_to_null() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_for_one_user_arrive_in_publish_order() {
+    let _load = light().await;
     let q = unique("order");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -164,6 +167,7 @@ async fn messages_for_one_user_arrive_in_publish_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_to_an_absent_user_is_acked_and_counted() {
+    let _load = light().await;
     let q = unique("absent");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;

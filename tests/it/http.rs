@@ -1,8 +1,8 @@
 //! The HTTP face of the gateway: health, readiness, metrics, refusals, limits, configuration.
 
-mod common;
+use std::collections::BTreeSet;
 
-use common::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -10,6 +10,7 @@ const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_metrics_and_unknown_paths() {
+    let _load = light().await;
     let q = unique("http");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -45,6 +46,7 @@ async fn health_readiness_metrics_and_unknown_paths() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_handshakes_get_an_http_status() {
+    let _load = light().await;
     let q = unique("handshake");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -95,6 +97,7 @@ async fn bad_handshakes_get_an_http_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_that_never_finishes_its_request_head_is_closed() {
+    let _load = light().await;
     let q = unique("slowloris");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -116,6 +119,7 @@ async fn a_socket_that_never_finishes_its_request_head_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_refuses_extra_sockets_with_503() {
+    let _load = light().await;
     let q = unique("maxconn");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -134,6 +138,7 @@ async fn max_connections_refuses_extra_sockets_with_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_per_user_refuses_the_next_with_429() {
+    let _load = light().await;
     let q = unique("peruser");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -177,6 +182,7 @@ async fn max_connections_per_user_refuses_the_next_with_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_while_the_broker_is_unreachable() {
+    let _load = light().await;
     let q = unique("noready");
     let gw = Gateway::spawn(&q, &[("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")]).await;
     assert_eq!(gw.get("/healthz").await.0, 200);
@@ -211,6 +217,7 @@ async fn start_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_stops_start_up_with_one_line_naming_the_variable() {
+    let _load = light().await;
     let cases = [
         (vec![("SERVER_PORT", "eighty")], "SERVER_PORT"),
         (vec![("SERVER_HOST", "not-an-ip")], "SERVER_HOST"),
@@ -263,6 +270,7 @@ async fn bad_configuration_stops_start_up_with_one_line_naming_the_variable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_lists_every_variable() {
+    let _load = light().await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsnotify"))
         .arg("--help")
         .output()
@@ -270,25 +278,46 @@ async fn help_lists_every_variable() {
         .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "SERVER_HOST",
-        "SERVER_PORT",
-        "AMQP_URL",
-        "NOTIFY_QUEUE",
-        "AUTH_MODE",
-        "JWT_SECRET",
-        "JWT_PUBLIC_KEY_FILE",
-        "JWT_ISSUER",
-        "JWT_AUDIENCE",
-        "MAX_CONNECTIONS",
-        "MAX_CONNECTIONS_PER_USER",
-        "CLIENT_QUEUE_BYTES",
-        "CLIENT_QUEUE_BUDGET_BYTES",
-        "CLOSE_TIMEOUT_MS",
-    ] {
-        assert!(
-            help.contains(&format!("[env: {var}")),
-            "--help lacks {var}:\n{help}"
-        );
-    }
+    // What --help documents: every `[env: NAME` of an option.
+    let in_help: BTreeSet<&str> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .collect();
+    // What the README's configuration table documents: the backquoted names in the first
+    // column of the table headed `| variable | default | meaning |`.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let in_readme: BTreeSet<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| variable | default | meaning |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|row| row.split('|').nth(1))
+        .flat_map(|cell| cell.split('`').skip(1).step_by(2))
+        .filter(|name| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .collect();
+    assert!(
+        in_readme.len() >= 30,
+        "the README's configuration table was not found or is short: {in_readme:?}"
+    );
+    // RUST_LOG is read by the log filter (tracing), not by the option parser.
+    let missing: Vec<_> = in_readme
+        .iter()
+        .filter(|v| **v != "RUST_LOG" && !in_help.contains(*v))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "--help lacks {missing:?}, which the README documents:\n{help}"
+    );
+    let undocumented: Vec<_> = in_help.difference(&in_readme).collect();
+    assert!(
+        undocumented.is_empty(),
+        "the README's configuration table lacks {undocumented:?}, which --help lists"
+    );
 }

@@ -3,16 +3,12 @@
 //! (A full broker restart stops the shared broker, so it lives in `broker_restart.rs`, which
 //! runs on its own after the parallel pass.)
 
-mod common;
-mod reliability_support;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
-use reliability_support::*;
+use crate::support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,6 +34,7 @@ async fn try_upgrade(addr: std::net::SocketAddr, user: &str) -> Result<TcpStream
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn descriptor_exhaustion_refuses_the_excess_without_spinning_and_recovers() {
+    let _alone = heavy().await;
     let q = unique("fds");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -154,20 +151,6 @@ async fn descriptor_exhaustion_refuses_the_excess_without_spinning_and_recovers(
     assert!(alive(pid));
 }
 
-/// The broker-side name of the gateway's AMQP connection (its `connection_name` is
-/// `wsnotify <pid>`).
-fn broker_connection_of(pid: i32) -> Option<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.contains(&format!("\"wsnotify {pid}\"")))
-        .and_then(|l| l.split('\t').next())
-        .map(str::to_owned)
-}
-
 /// Collects the `data.i` of every frame a reader gets until it has `n` or `limit` passes.
 async fn collect(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, serde_json::Value)>,
@@ -188,6 +171,7 @@ async fn collect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
+    let _load = light().await;
     let q = unique("cutstream");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -226,19 +210,15 @@ async fn link_cut_mid_stream_redelivers_without_loss_or_duplicates() {
     collect(&mut tab1, &mut got1, 500, WAIT).await;
     assert_eq!(got1.len(), 500, "the stream started");
     let pid = gw.pid();
-    let name = tokio::task::spawn_blocking(move || broker_connection_of(pid))
+    let name = broker_connection_of(pid)
         .await
-        .unwrap()
         .expect("the gateway's broker connection");
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "close_connection",
-            &name,
-            "wsnotify test: link cut mid-stream",
-        ])
-        .output()
-        .await
-        .expect("rabbitmqctl");
+    let out = rabbitmqctl(&[
+        "close_connection",
+        &name,
+        "wsnotify test: link cut mid-stream",
+    ])
+    .await;
     assert!(out.status.success(), "{out:?}");
     // What had arrived by the time the broker had closed the link.
     while let Ok((_, f)) = tab1.try_recv() {
@@ -324,6 +304,7 @@ fn nofile_limits(pid: i32) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_open_file_limit_is_raised_when_max_connections_is_set() {
+    let _alone = heavy().await;
     const SOFT: u64 = 1024;
     const CONNECTIONS: usize = 1_100;
     let q = unique("nofile");
@@ -337,7 +318,7 @@ async fn the_open_file_limit_is_raised_when_max_connections_is_set() {
     // Started as a container with `nofile=1024:<hard>` would start it.
     let gw = Gateway::spawn_with(
         &q,
-        &[("AMQP_URL", AMQP_URL), ("MAX_CONNECTIONS", "5000")],
+        &[("AMQP_URL", amqp_url()), ("MAX_CONNECTIONS", "5000")],
         |cmd| {
             // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent.
             unsafe {

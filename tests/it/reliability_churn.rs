@@ -6,16 +6,12 @@
 //! `WSNOTIFY_SOAK=1` runs it for 5 minutes after a 90 s warm-up (10 rounds; `WSNOTIFY_SOAK_SECS`
 //! to choose); by default it runs 2 rounds of 4 s after a 5 s warm-up, for CI.
 
-mod common;
-mod reliability_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use futures_util::StreamExt;
-use reliability_support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -157,6 +153,7 @@ async fn settled(gw: &Gateway) -> (u64, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_churn_leaves_no_connection_and_no_memory_behind() {
+    let _alone = heavy().await;
     let soak = std::env::var("WSNOTIFY_SOAK").is_ok_and(|v| v == "1");
     let total = std::env::var("WSNOTIFY_SOAK_SECS")
         .ok()

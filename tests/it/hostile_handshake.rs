@@ -4,17 +4,13 @@
 //! deadline, and the connected clients keep getting every frame on time.
 //! (Single slowloris, 431, 400/426 and MAX_CONNECTIONS are in `http.rs`.)
 
-mod common;
-mod reliability_support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use parking_lot::Mutex;
-use reliability_support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -61,6 +57,7 @@ async fn attempt(addr: std::net::SocketAddr, req: &[u8], limit: Duration) -> Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_flood_is_served_or_refused_without_starving_connected_clients() {
+    let _alone = heavy().await;
     let q = unique("flood");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
@@ -82,6 +79,8 @@ async fn a_handshake_flood_is_served_or_refused_without_starving_connected_clien
     // A steady stream to the residents all along: 100 broadcasts a second.
     let streaming = Arc::new(AtomicBool::new(true));
     let phase = Arc::new(Mutex::new("before"));
+    // How many ticks the stream has published.
+    let (ticks_tx, mut ticks) = tokio::sync::watch::channel(0u64);
     let stream = {
         let (q, streaming, phase) = (q.clone(), streaming.clone(), phase.clone());
         tokio::spawn(async move {
@@ -98,11 +97,15 @@ async fn a_handshake_flood_is_served_or_refused_without_starving_connected_clien
                     )
                     .await;
                 n += 1;
+                ticks_tx.send_replace(n);
             }
             n
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A second of calm ticks first.
+    within("100 calm ticks", ticks.wait_for(|&n| n >= 100))
+        .await
+        .expect("the stream runs");
     *phase.lock() = "flood";
 
     let outcomes: Tally = Arc::default();
@@ -175,6 +178,8 @@ async fn a_handshake_flood_is_served_or_refused_without_starving_connected_clien
         })
     };
     let mut held = holders.await.unwrap();
+    // The flood's length (a workload, not a wait for an event): twice the handshake timeout,
+    // so the held heads time out while it goes on.
     tokio::time::sleep(Duration::from_secs(3)).await;
     flooding.store(false, Ordering::Relaxed);
     for s in stormers {
@@ -199,7 +204,14 @@ async fn a_handshake_flood_is_served_or_refused_without_starving_connected_clien
         };
         count(&outcomes, format!("slowloris: {got}"));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Half a second of calm ticks after the flood.
+    let after = *ticks.borrow();
+    within(
+        "50 calm ticks after the flood",
+        ticks.wait_for(|&n| n >= after + 50),
+    )
+    .await
+    .expect("the stream runs");
     streaming.store(false, Ordering::Relaxed);
     let sent = stream.await.unwrap();
 

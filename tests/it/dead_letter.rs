@@ -1,14 +1,13 @@
 //! Invalid broker messages are moved, unchanged, to `<queue>.dead` with the reason in
 //! `x-wsnotify-error`; the main queue is acked and consuming goes on.
 
-mod common;
-
+use crate::support::*;
 use amqprs::FieldValue;
-use common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_messages_are_dead_lettered_with_a_reason_and_the_consumer_goes_on() {
+    let _load = light().await;
     let q = unique("dead");
     let mut broker = Broker::connect().await;
     // A backend declared the queue first, plain and durable, with no arguments.
@@ -87,6 +86,7 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_the_consumer_goes_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_declares_its_queues_when_nobody_did() {
+    let _load = light().await;
     let q = unique("declare");
     let mut broker = Broker::connect().await;
     broker.cleanup(&q);

@@ -6,19 +6,15 @@
 //! alone at the end:
 //!
 //! ```text
-//! cargo test --test cluster -- --ignored --test-threads=1
+//! cargo test --test it -- --ignored --test-threads=1 cluster::
 //! ```
-
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cluster::Cluster;
-use common::*;
+use crate::support::cluster::Cluster;
+use crate::support::*;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The harness itself: the cluster forms, a quorum queue spans it, a message published on one
@@ -71,9 +67,7 @@ fn seqs_of(mut ws: Ws) -> UnboundedReceiver<Got> {
             match m {
                 Ok(Message::Text(t)) => {
                     let v: serde_json::Value = serde_json::from_str(&t).expect("JSON frame");
-                    let at = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_micros() as u64);
+                    let at = now_us();
                     let _ = tx.send(Ok((v["data"]["seq"].as_u64().expect("seq"), at)));
                 }
                 Ok(Message::Close(c)) => {
@@ -307,10 +301,7 @@ async fn quorum_notify_queue_and_a_lost_node_keep_every_user_whole_and_in_order(
     }
     // The gap the node loss left: the longest time no client received anything, after the
     // kill (the publisher kept publishing through a surviving node throughout).
-    let kill_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-        .saturating_sub(killed_at.elapsed().as_micros() as u64);
+    let kill_us = now_us().saturating_sub(killed_at.elapsed().as_micros() as u64);
     arrivals.sort_unstable();
     let gap = arrivals
         .windows(2)

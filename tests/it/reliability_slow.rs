@@ -5,15 +5,11 @@
 //! Latency is measured end to end (publisher clock in `data.t` → arrival at a healthy client),
 //! in the same test, without slow clients (before and after) and with them.
 
-mod common;
-mod reliability_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
-use reliability_support::*;
+use crate::support::*;
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -69,6 +65,7 @@ async fn latencies(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() {
+    let _alone = heavy().await;
     let q = unique("slowlat");
     let mut broker = Broker::connect().await;
     broker.declare(&q).await;
