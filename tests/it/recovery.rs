@@ -464,3 +464,68 @@ async fn a_rolling_restart_of_every_replica_loses_nothing_for_anyone() {
         "every user was moved at least once ({reconnected})"
     );
 }
+
+/// The fan-out log is a stream, stored in segments; RabbitMQ starts each segment with a
+/// tracking chunk that takes an offset but is never delivered. Crossing one must not look like
+/// lost records (it once emptied every replica's history at each roll: every 32 MiB of log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_survives_the_log_rolling_over_to_new_segments() {
+    let _load = light().await;
+    let q = unique("rec_segments");
+    let mut broker = Broker::connect().await;
+    broker.declare(&q).await;
+    // The log, declared first with 16 KiB segments (the gateway keeps a log that exists):
+    // the notifications below fill several.
+    let mut args = amqprs::FieldTable::new();
+    args.insert("x-queue-type".try_into().unwrap(), "stream".into());
+    args.insert(
+        "x-stream-max-segment-size-bytes".try_into().unwrap(),
+        amqprs::FieldValue::l(16 * 1024),
+    );
+    broker
+        .ch
+        .queue_declare(
+            amqprs::channel::QueueDeclareArguments::new(&format!("{q}.log"))
+                .durable(true)
+                .arguments(args)
+                .finish(),
+        )
+        .await
+        .expect("declare the log");
+    let g = Gateway::start(&q, &[]).await;
+    let mut witness = read_all(g.connect_user("carol").await);
+    let mut leaver = read_all(g.connect_user("carol").await);
+    broker
+        .publish_json(&q, &to_user("carol", "before", json!(0)))
+        .await;
+    let first = next_text(&mut witness).await;
+    assert_eq!(next_text(&mut leaver).await, first);
+    let since = parse(&first)["id"].as_str().unwrap().to_owned();
+    drop(leaver);
+
+    // One record each (each awaited before the next), 1 KiB apiece: about 8 segments.
+    const SENT: usize = 120;
+    let pad = "x".repeat(1024);
+    let mut want = Vec::with_capacity(SENT);
+    for n in 0..SENT {
+        broker
+            .publish_json(&q, &to_user("carol", "mine", json!({"n": n, "pad": pad})))
+            .await;
+        want.push(next_text(&mut witness).await);
+    }
+
+    let mut back = connect_since(&g, "carol", &since).await;
+    assert_eq!(
+        parse(&next_text(&mut back).await),
+        json!({"type": "wsnotify.recovery", "recovered": true, "missed": SENT, "since": since}),
+        "recovery across segment rolls"
+    );
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(&next_text(&mut back).await, w, "missed frame {i}");
+    }
+    assert!(
+        !g.log_text().contains("recovery history cleared"),
+        "no gap may be reported:\n{}",
+        g.log_text()
+    );
+}
