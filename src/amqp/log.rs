@@ -135,23 +135,30 @@ impl Follower {
         metrics: &Metrics,
         route: bool,
     ) -> Read {
-        let offset = msg
+        let offset = match msg
             .basic_properties
             .as_ref()
             .and_then(|p| p.headers())
-            .and_then(|h| h.get(&OFFSET_HEADER.try_into().ok()?).cloned());
+            .and_then(|h| h.get(&OFFSET_HEADER.try_into().ok()?).cloned())
+        {
+            Some(FieldValue::l(offset)) => Some(offset),
+            _ => None,
+        };
+        // Resuming may start at the beginning of a chunk: skip what was read, undecoded.
+        if let (Some(offset), Some(next)) = (offset, self.next)
+            && offset < next
+            && next - offset <= CHUNK_SLACK
+        {
+            return Read::Nothing;
+        }
         let body = Bytes::from(msg.content.unwrap_or_default());
         let record = record::decode(body);
         let origin = match &record {
             Ok(Record::Notifications(origin, _)) => Some(*origin),
             _ => None,
         };
-        if let Some(FieldValue::l(offset)) = offset {
+        if let Some(offset) = offset {
             match self.next {
-                // Resuming may start at the beginning of a chunk: skip what was read.
-                Some(next) if offset < next && next - offset <= CHUNK_SLACK => {
-                    return Read::Nothing;
-                }
                 Some(next) if offset < next => {
                     // Far behind where this replica was: the log was deleted and declared
                     // anew. Start over with it.
