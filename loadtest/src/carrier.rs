@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::client::{new_histogram, sent_at};
 use crate::procstat::cpu_secs;
-use crate::publish::{Publisher, parse_amqp_url};
+use crate::publish::{Pace, Publisher, parse_amqp_url};
 use crate::suite::Latency;
 
 /// The fan-out leg under test.
@@ -217,11 +217,9 @@ pub async fn run(
     let broker0 = broker_pid.and_then(cpu_secs);
     let started = Instant::now();
     let mut sent = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut pace = Pace::new(rate);
     while sent < n {
-        tick.tick().await;
-        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(n);
+        let due = pace.due().await.min(n);
         while sent < due {
             publisher.to_user("probe").await?;
             sent += 1;

@@ -31,22 +31,9 @@ fn err(e: impl std::fmt::Display) -> String {
     format!("plot: {e}")
 }
 
-fn median(mut xs: Vec<f64>) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    xs.sort_by(f64::total_cmp);
-    let m = xs.len() / 2;
-    Some(if xs.len() % 2 == 1 {
-        xs[m]
-    } else {
-        (xs[m - 1] + xs[m]) / 2.0
-    })
-}
-
 /// The median of `get` over the runs of `server` in `v` (an array of suite results).
 fn med(v: &Value, server: &str, get: impl Fn(&Value) -> Option<f64>) -> Option<f64> {
-    median(v[server].as_array()?.iter().filter_map(get).collect())
+    crate::report::median(v[server].as_array()?.iter().filter_map(get).collect())
 }
 
 /// Legend name: "wsnotify ×3" when the runs used several replicas.

@@ -198,3 +198,35 @@ impl Publisher {
         let _ = self.conn.close().await;
     }
 }
+
+/// Paces publishing at `rate` messages per second: a tick every millisecond, and how many
+/// should be out by then. Missed ticks are skipped, not replayed: after a stall the publisher
+/// catches up with what is due, in one go, and the rate over the phase holds.
+pub struct Pace {
+    started: std::time::Instant,
+    rate: f64,
+    tick: tokio::time::Interval,
+}
+
+impl Pace {
+    /// From now on; `rate` 0 (or less) means as fast as possible.
+    pub fn new(rate: f64) -> Pace {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Pace {
+            started: std::time::Instant::now(),
+            rate,
+            tick,
+        }
+    }
+
+    /// Waits for the next tick and returns how many messages are due since the start
+    /// (`u64::MAX` at once when there is no rate).
+    pub async fn due(&mut self) -> u64 {
+        if self.rate <= 0.0 {
+            return u64::MAX;
+        }
+        self.tick.tick().await;
+        (self.started.elapsed().as_secs_f64() * self.rate).floor() as u64
+    }
+}

@@ -485,7 +485,8 @@ pub fn table(r: &SuiteResult) -> String {
     out
 }
 
-fn median(mut xs: Vec<f64>) -> Option<f64> {
+/// The median (the mean of the middle two for an even count); `None` for no values.
+pub(crate) fn median(mut xs: Vec<f64>) -> Option<f64> {
     if xs.is_empty() {
         return None;
     }

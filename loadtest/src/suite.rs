@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::client::{Auth, Target, new_histogram, now_us};
 use crate::procstat::{cpu_secs, rss_bytes};
-use crate::publish::Publisher;
+use crate::publish::{Pace, Publisher};
 use crate::worker::{Cmd, Event, Report, Worker, WorkerArgs, all, merged, user_ids};
 
 mod recovery;
@@ -731,15 +731,9 @@ impl Suite {
         let started = Instant::now();
         let mut rng = fastrand::Rng::new();
         let mut sent = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut pace = Pace::new(rate);
         while sent < n {
-            let due = if rate > 0.0 {
-                tick.tick().await;
-                ((started.elapsed().as_secs_f64() * rate).floor() as u64).min(n)
-            } else {
-                n
-            };
+            let due = pace.due().await.min(n);
             while sent < due {
                 match target {
                     Target2::Broadcast => publisher.broadcast().await?,

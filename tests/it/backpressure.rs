@@ -254,39 +254,6 @@ async fn clients_that_never_read_are_reset_within_the_close_timeout() {
     }
 }
 
-/// Takes `n` frames of `phase` from a healthy reader, in order; returns their latencies (µs).
-async fn latencies(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, serde_json::Value)>,
-    phase: &str,
-    n: u64,
-) -> Vec<u64> {
-    let mut out = Vec::new();
-    within(&format!("{n} frames of phase {phase}"), async {
-        while (out.len() as u64) < n {
-            let (at, f) = rx.recv().await.expect("healthy client kept");
-            assert_eq!(f["data"]["phase"], phase, "frames in order, none lost");
-            assert_eq!(f["data"]["i"], out.len() as u64, "no gap, no duplicate");
-            out.push(at.saturating_sub(f["data"]["t"].as_u64().unwrap()));
-        }
-    })
-    .await;
-    out
-}
-
-type Rx = tokio::sync::mpsc::UnboundedReceiver<(u64, serde_json::Value)>;
-
-/// Takes `n` frames of `phase` from every healthy reader (checking order and completeness);
-/// returns their latencies and the readers.
-async fn collect(phase: &'static str, n: u64, rxs: Vec<Rx>) -> (Latency, Vec<Rx>) {
-    let mut all = Vec::new();
-    let mut back = Vec::new();
-    for mut rx in rxs {
-        all.extend(latencies(&mut rx, phase, n).await);
-        back.push(rx);
-    }
-    (Latency::of(all), back)
-}
-
 /// `n` clients that never read (4 KiB receive buffers), as users `{prefix}{i}`, connected 50
 /// at a time. Blocking: run it off the test's runtime (`spawn_blocking`). The sockets are
 /// handed back as plain std sockets, out of any reactor: thousands of them must not take the

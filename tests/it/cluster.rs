@@ -171,6 +171,18 @@ fn node_of(g: &Gateway, c: &Cluster) -> usize {
         .expect("a cluster node")
 }
 
+/// `rabbitmqctl` arguments that show where each queue lives and who consumes it: printed when
+/// the node-loss test fails.
+const LIST_QUEUES: [&str; 7] = [
+    "list_queues",
+    "name",
+    "type",
+    "messages",
+    "consumers",
+    "leader",
+    "members",
+];
+
 /// A quorum notify queue, three replicas over the three nodes, 12 users spread over them; a
 /// steady stream, then `kill -9` of the node the taker is on, mid-stream: every user gets
 /// every confirmed notification once and in order, no client is disconnected, every replica
@@ -238,22 +250,7 @@ async fn quorum_notify_queue_and_a_lost_node_keep_every_user_whole_and_in_order(
         })
         .await;
         if ready.is_err() {
-            eprintln!(
-                "{}",
-                c.ctl(
-                    via,
-                    &[
-                        "list_queues",
-                        "name",
-                        "type",
-                        "messages",
-                        "consumers",
-                        "leader",
-                        "members"
-                    ]
-                )
-                .await
-            );
+            eprintln!("{}", c.ctl(via, &LIST_QUEUES).await);
             panic!(
                 "replica {i} is not ready 30 s after the node loss; its log:\n{}",
                 g.log_text()
@@ -277,22 +274,7 @@ async fn quorum_notify_queue_and_a_lost_node_keep_every_user_whole_and_in_order(
             for (i, g) in gws.iter().enumerate() {
                 eprintln!("---- replica {i}:\n{}", g.log_text());
             }
-            eprintln!(
-                "{}",
-                c.ctl(
-                    via,
-                    &[
-                        "list_queues",
-                        "name",
-                        "type",
-                        "messages",
-                        "consumers",
-                        "leader",
-                        "members"
-                    ]
-                )
-                .await
-            );
+            eprintln!("{}", c.ctl(via, &LIST_QUEUES).await);
         }
         assert_eq!(
             got, want,

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 use serde_json::json;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 const HEALTHY: usize = 4;
 const WAVES: usize = 8;
@@ -44,25 +43,6 @@ async fn stream(q: &str, phase: &str, run: Duration) -> u64 {
     n
 }
 
-/// Takes `n` frames of `phase` from a healthy reader; returns their latencies in µs.
-async fn latencies(
-    rx: &mut UnboundedReceiver<(u64, serde_json::Value)>,
-    phase: &str,
-    n: u64,
-) -> Vec<u64> {
-    let mut out = Vec::new();
-    within(&format!("{n} frames of phase {phase}"), async {
-        while (out.len() as u64) < n {
-            let (at, f) = rx.recv().await.expect("healthy client kept");
-            assert_eq!(f["data"]["phase"], phase, "frames in order, none lost");
-            assert_eq!(f["data"]["i"], out.len() as u64, "no gap, no duplicate");
-            out.push(at.saturating_sub(f["data"]["t"].as_u64().unwrap()));
-        }
-    })
-    .await;
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() {
     let _alone = heavy().await;
@@ -86,22 +66,9 @@ async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() 
     for i in 0..HEALTHY {
         healthy.push(spawn_reader(gw.connect_user(&format!("healthy{i}")).await));
     }
-    type Rx = UnboundedReceiver<(u64, serde_json::Value)>;
-    let collect = |phase: &'static str, n: u64, rxs: Vec<Rx>| {
-        tokio::spawn(async move {
-            let mut all = Vec::new();
-            let mut back = Vec::new();
-            for mut rx in rxs {
-                all.extend(latencies(&mut rx, phase, n).await);
-                back.push(rx);
-            }
-            (Latency::of(all), back)
-        })
-    };
-
     // Phase A: no slow clients.
     let n_a = stream(&q, "a", Duration::from_millis(1500)).await;
-    let (base_a, rxs) = collect("a", n_a, healthy).await.unwrap();
+    let (base_a, rxs) = collect("a", n_a, healthy).await;
     let rss_base = rss_kib(pid);
 
     // Phase B: waves of clients that never read (small receive buffers) join while the
@@ -131,7 +98,7 @@ async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() 
     let q2 = q.clone();
     let publisher = tokio::spawn(async move { stream(&q2, "b", Duration::from_secs(3)).await });
     let n_b = publisher.await.unwrap();
-    let (with_slow, rxs) = collect("b", n_b, rxs).await.unwrap();
+    let (with_slow, rxs) = collect("b", n_b, rxs).await;
     let mut slow = slow_joiners.await.unwrap();
     let total_slow = (WAVES * PER_WAVE) as u64;
     // Every slow client is cut off; the stream goes on until the last wave overflowed.
@@ -145,7 +112,7 @@ async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() 
     sampling.store(false, Ordering::Relaxed);
     sampler.await.unwrap();
     let n_c = tail.await.unwrap();
-    let (_, rxs) = collect("c", n_c, rxs).await.unwrap();
+    let (_, rxs) = collect("c", n_c, rxs).await;
     // Each slow client, reading at last, finds a 1013 close after the frames that fit its
     // queue, and answers it (one that never does is reset after CLOSE_TIMEOUT_MS).
     let mut codes = std::collections::BTreeMap::new();
@@ -157,7 +124,7 @@ async fn slow_consumers_are_cut_off_without_hurting_healthy_latency_or_memory() 
 
     // Phase D: no slow clients again.
     let n_d = stream(&q, "d", Duration::from_millis(1500)).await;
-    let (base_d, _rxs) = collect("d", n_d, rxs).await.unwrap();
+    let (base_d, _rxs) = collect("d", n_d, rxs).await;
     let peak = peak.load(Ordering::Relaxed);
     eprintln!(
         "slow consumers: {total_slow} clients that never read joined in {WAVES} waves during a {RATE_PER_SEC}/s broadcast stream of 1.6 KB frames ({} messages)",

@@ -24,6 +24,7 @@ use serde::Serialize;
 use super::{Latency, Sink, Suite, Target2, sum_each};
 use crate::client::{Track, new_histogram, now_us};
 use crate::procstat::{cpu_secs, rss_bytes};
+use crate::publish::Pace;
 use crate::worker::{Cmd, Event, all};
 
 /// The recovery storm's figures.
@@ -206,14 +207,11 @@ impl Suite {
 
         // 2-4. Unicasts at `rate` throughout; the storm in the middle.
         let publish = async {
-            let started = Instant::now();
             let mut rng = fastrand::Rng::new();
             let mut log: Vec<(usize, u64, u64)> = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut pace = Pace::new(rate);
             while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let due = (started.elapsed().as_secs_f64() * rate).floor() as u64;
+                let due = pace.due().await;
                 while (log.len() as u64) < due {
                     let u = rng.usize(..users.len());
                     publisher.to_user(&users[u]).await?;

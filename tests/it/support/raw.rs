@@ -254,11 +254,40 @@ impl std::fmt::Display for Latency {
     }
 }
 
+/// What [`spawn_reader`] hands back: each notification with its arrival time in µs.
+pub type Rx = tokio::sync::mpsc::UnboundedReceiver<(u64, serde_json::Value)>;
+
+/// Takes `n` frames of `phase` from a healthy reader, in order (frames carry the publisher's
+/// clock in `data.t`, the phase and their index `i`); returns their latencies in µs.
+pub async fn latencies(rx: &mut Rx, phase: &str, n: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    super::within(&format!("{n} frames of phase {phase}"), async {
+        while (out.len() as u64) < n {
+            let (at, f) = rx.recv().await.expect("healthy client kept");
+            assert_eq!(f["data"]["phase"], phase, "frames in order, none lost");
+            assert_eq!(f["data"]["i"], out.len() as u64, "no gap, no duplicate");
+            out.push(at.saturating_sub(f["data"]["t"].as_u64().unwrap()));
+        }
+    })
+    .await;
+    out
+}
+
+/// Takes `n` frames of `phase` from every healthy reader (checking order and completeness);
+/// returns their latencies and the readers.
+pub async fn collect(phase: &str, n: u64, rxs: Vec<Rx>) -> (Latency, Vec<Rx>) {
+    let mut all = Vec::new();
+    let mut back = Vec::new();
+    for mut rx in rxs {
+        all.extend(latencies(&mut rx, phase, n).await);
+        back.push(rx);
+    }
+    (Latency::of(all), back)
+}
+
 /// Keeps reading a client (so it answers pings) and forwards its notifications, stamped with
 /// the arrival time in µs. The channel closes when the socket does.
-pub fn spawn_reader<S>(
-    mut ws: tokio_tungstenite::WebSocketStream<S>,
-) -> tokio::sync::mpsc::UnboundedReceiver<(u64, serde_json::Value)>
+pub fn spawn_reader<S>(mut ws: tokio_tungstenite::WebSocketStream<S>) -> Rx
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
