@@ -37,9 +37,9 @@ use crate::amqp::Link;
 use crate::envelope::Parser;
 use crate::history::History;
 use crate::http::{Head, Response};
-use crate::metrics::{Metrics, inc};
+use crate::metrics::Metrics;
 use crate::notification::Notification;
-use crate::registry::{Outcome, Registry};
+use crate::registry::Registry;
 
 /// Where accepted envelopes go.
 pub enum Sink {
@@ -220,12 +220,8 @@ async fn process(
                 batch.push(Notification::from_envelope(env, item, false, received));
             }
             let now_ms = u64::try_from(received.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            for (seq, n) in local.history.record(batch, now_ms) {
-                match local.registry.route(&n, seq).await {
-                    Outcome::Delivered => inc(&metrics.messages_delivered),
-                    Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
-                }
-            }
+            let recorded = local.history.record(batch, now_ms);
+            local.registry.route_recorded(recorded, metrics).await;
         }
     }
     metrics

@@ -40,7 +40,7 @@ use tracing::warn;
 use crate::envelope::Target;
 use crate::frame::Frame;
 use crate::mailbox::{Mailbox, Sharing, signal};
-use crate::metrics::{LatencyCounts, LatencyHistogram};
+use crate::metrics::{LatencyCounts, LatencyHistogram, Metrics, inc};
 use crate::notification::Notification;
 use crate::shutdown::Shutdown;
 
@@ -422,6 +422,20 @@ impl Registry {
             st.conns.shrink_to_fit();
         }
         self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Routes notifications the history has just recorded ([`History::record`]), in order,
+    /// and counts what became of each. Recording comes first: a reconnecting client's replay
+    /// covers exactly what was recorded before it registered (see [`crate::history`]).
+    ///
+    /// [`History::record`]: crate::history::History::record
+    pub async fn route_recorded(&self, recorded: Vec<(u64, Arc<Notification>)>, metrics: &Metrics) {
+        for (seq, n) in recorded {
+            match self.route(&n, seq).await {
+                Outcome::Delivered => inc(&metrics.messages_delivered),
+                Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
+            }
+        }
     }
 
     /// Encodes notification `seq` for its recipients and hands the frames to the shards: one

@@ -30,7 +30,7 @@ use super::record::{self, Origin, Record};
 use crate::history::History;
 use crate::metrics::{Metrics, inc};
 use crate::notification::Notification;
-use crate::registry::{Outcome, Registry};
+use crate::registry::Registry;
 
 /// Records delivered ahead of this replica's acks (a stream consumer must set one).
 const PREFETCH: u16 = 64;
@@ -241,12 +241,7 @@ impl Follower {
             .collect();
         let recorded = history.record(fresh, unix_ms());
         if route {
-            for (seq, n) in recorded {
-                match registry.route(&n, seq).await {
-                    Outcome::Delivered => inc(&metrics.messages_delivered),
-                    Outcome::NoRecipient => inc(&metrics.messages_no_recipient),
-                }
-            }
+            registry.route_recorded(recorded, metrics).await;
         }
     }
 }
