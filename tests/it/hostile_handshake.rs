@@ -147,6 +147,12 @@ async fn a_handshake_flood_is_served_or_refused_without_starving_connected_clien
                     2 => {
                         let mut junk = vec![0u8; fastrand::usize(1..600)];
                         fastrand::fill(&mut junk);
+                        // Never blank lines alone: HTTP skips those before a request line, so
+                        // the gateway rightly waits for one (and answers 408), which is not
+                        // what this kind tests (about one draw in 50,000: CI met it once).
+                        if matches!(junk[0], b'\r' | b'\n') {
+                            junk[0] = b'?';
+                        }
                         junk.extend_from_slice(b"\r\n\r\n");
                         ("garbage", junk)
                     }
